@@ -1,0 +1,67 @@
+"""What both families share at the top: embed, a stack of blocks, norm, unembed.
+
+`features` returns the final hidden states and the auxiliary outputs (MoE balance
+loss, expert load); `logits` projects hidden states to the vocabulary in float32.
+The trainer calls the two separately so it can compute the loss in chunks over the
+sequence without materialising [batch, seq, vocab] logits.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax.numpy as jnp
+from flax import nnx
+
+from pretrain.models import layers
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+class CausalLM(nnx.Module):
+  config: Any
+  embed_tokens: layers.Embedding
+  layers: nnx.List
+  norm: layers.RMSNorm
+  lm_head: nnx.Param | None
+
+  def init_trunk(self, config, block_cls, *, rngs: nnx.Rngs):
+    self.config = config
+    self.dtype = DTYPES[config.dtype]
+    std = config.initializer_range
+    self.embed_tokens = layers.Embedding(config.vocab_size, config.hidden_size, std, rngs=rngs)
+    self.layers = nnx.List([block_cls(config, i, rngs=rngs) for i in range(config.num_hidden_layers)])
+    self.norm = layers.RMSNorm(config.hidden_size, config.rms_norm_eps, rngs=rngs)
+    self.lm_head = (None if config.tie_word_embeddings else
+                    layers.param(rngs, (config.hidden_size, config.vocab_size), ("embed", "vocab"), std))
+
+  def features(self, input_ids_BxS: jnp.ndarray, positions_BxS: jnp.ndarray | None = None,
+               segment_ids_BxS: jnp.ndarray | None = None) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
+    """Final hidden states [B, S, D] and aux outputs (summed balance loss, per-layer expert load)."""
+    if positions_BxS is None:
+      positions_BxS = jnp.broadcast_to(jnp.arange(input_ids_BxS.shape[1]), input_ids_BxS.shape)
+    x_BxSxD = self.embed_tokens(input_ids_BxS, self.dtype)
+    balance_losses, expert_loads = [], []
+    for block in self.layers:
+      x_BxSxD, aux = block(x_BxSxD, positions_BxS, segment_ids_BxS)
+      if aux is not None:
+        balance_losses.append(aux["balance_loss"])
+        expert_loads.append(aux["expert_load"])
+    out = {"balance_loss": sum(balance_losses, jnp.zeros((), jnp.float32))}
+    if expert_loads:
+      out["expert_load"] = jnp.stack(expert_loads)  # [moe_layers, n_routed_experts]
+    return self.norm(x_BxSxD), out
+
+  def logits(self, x_BxSxD: jnp.ndarray) -> jnp.ndarray:
+    """[B, S, V] float32 logits."""
+    x = x_BxSxD.astype(self.dtype)
+    if self.lm_head is None:
+      table = self.embed_tokens.table[...].astype(self.dtype)
+      return jnp.einsum("BSD,VD->BSV", x, table, preferred_element_type=jnp.float32)
+    return jnp.einsum("BSD,DV->BSV", x, self.lm_head[...].astype(self.dtype), preferred_element_type=jnp.float32)
+
+  def __call__(self, input_ids_BxS: jnp.ndarray, positions_BxS: jnp.ndarray | None = None,
+               segment_ids_BxS: jnp.ndarray | None = None, *, return_aux: bool = False):
+    x_BxSxD, aux = self.features(input_ids_BxS, positions_BxS, segment_ids_BxS)
+    logits_BxSxV = self.logits(x_BxSxD)
+    return (logits_BxSxV, aux) if return_aux else logits_BxSxV

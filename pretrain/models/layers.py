@@ -1,0 +1,74 @@
+"""Building blocks shared by both families.
+
+Every weight is an `nnx.Param` whose `out_sharding` metadata holds logical axis
+names (vocab, embed, heads, kv_heads, head_dim, mlp, expert, q_lora, kv_lora,
+norm). One table in the training config maps them to mesh axes; nothing here
+knows about devices.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Axes = tuple[str | None, ...]
+
+
+def param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: Axes, std: float | None) -> nnx.Param:
+  """A float32 parameter: normal(0, std) initialised, or ones when std is None (norm scales)."""
+  assert len(shape) == len(axes), (shape, axes)
+  if std is None:
+    value = jnp.ones(shape, jnp.float32)
+  else:
+    value = std * jax.random.normal(rngs.params(), shape, jnp.float32)
+  # Axis names are metadata only; the trainer places parameters through its logical-axis table.
+  return nnx.Param(value, out_sharding=axes, eager_sharding=False)
+
+
+def zeros(shape: tuple[int, ...], axes: Axes) -> nnx.Param:
+  """A float32 parameter initialised to zero (biases)."""
+  return nnx.Param(jnp.zeros(shape, jnp.float32), out_sharding=axes, eager_sharding=False)
+
+
+def einsum(spec: str, x: jnp.ndarray, w: nnx.Param, dtype) -> jnp.ndarray:
+  """x @ w in the compute dtype; parameters are stored float32 and cast here."""
+  return jnp.einsum(spec, x.astype(dtype), w[...].astype(dtype), preferred_element_type=dtype)
+
+
+class RMSNorm(nnx.Module):
+  def __init__(self, dim: int, eps: float, *, rngs: nnx.Rngs):
+    self.eps = eps
+    self.scale = param(rngs, (dim,), ("norm",), std=None)
+
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return (self.scale[...] * normed.astype(x.dtype)).astype(x.dtype)
+
+
+class Embedding(nnx.Module):
+  def __init__(self, vocab_size: int, dim: int, std: float, *, rngs: nnx.Rngs):
+    self.table = param(rngs, (vocab_size, dim), ("vocab", "embed"), std)
+
+  def __call__(self, input_ids_BxS: jnp.ndarray, dtype) -> jnp.ndarray:
+    return jnp.take(self.table[...], input_ids_BxS, axis=0).astype(dtype)
+
+  def attend(self, x_BxSxD: jnp.ndarray, dtype) -> jnp.ndarray:
+    """Tied output projection: logits against the embedding table."""
+    return einsum("BSD,VD->BSV", x_BxSxD, self.table, dtype)
+
+
+class SwiGLU(nnx.Module):
+  """down(silu(gate(x)) * up(x)): the dense MLP of both families and DeepSeek's shared experts."""
+
+  def __init__(self, dim: int, hidden: int, std: float, *, rngs: nnx.Rngs):
+    self.gate_proj = param(rngs, (dim, hidden), ("embed", "mlp"), std)
+    self.up_proj = param(rngs, (dim, hidden), ("embed", "mlp"), std)
+    self.down_proj = param(rngs, (hidden, dim), ("mlp", "embed"), std)
+
+  def __call__(self, x_BxSxD: jnp.ndarray) -> jnp.ndarray:
+    dtype = x_BxSxD.dtype
+    gate_BxSxF = einsum("BSD,DF->BSF", x_BxSxD, self.gate_proj, dtype)
+    up_BxSxF = einsum("BSD,DF->BSF", x_BxSxD, self.up_proj, dtype)
+    return einsum("BSF,FD->BSD", jax.nn.silu(gate_BxSxF) * up_BxSxF, self.down_proj, dtype)
