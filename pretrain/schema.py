@@ -41,7 +41,7 @@ def parse(cls: type[T], values: Mapping[str, Any] | None, key: str = "config") -
   kwargs = {}
   for name, field in fields.items():
     if name in values:
-      kwargs[name] = _coerce(hints[name], values[name], f"{key}.{name}")
+      kwargs[name] = parse_value(hints[name], values[name], f"{key}.{name}")
     elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
       raise ConfigError(f"{key}.{name}", "required key is missing")
   obj = cls(**kwargs)
@@ -60,22 +60,36 @@ def to_dict(obj: Any) -> Any:
   return obj
 
 
+def _parse_tagged(variants: list[type], value: Any, key: str) -> Any:
+  """A union of dataclasses is told apart by its `family` field, e.g. family='qwen2'."""
+  if hasattr(value, "to_dict"):
+    value = value.to_dict()
+  tags = {typing.get_args(typing.get_type_hints(v)["family"])[0]: v for v in variants}
+  family = value.get("family") if isinstance(value, Mapping) else None
+  if family not in tags:
+    raise ConfigError(f"{key}.family", f"got {family!r}; allowed values: {', '.join(map(repr, tags))}")
+  return parse(tags[family], value, key)
+
+
 def _describe(tp: Any) -> str:
   if typing.get_origin(tp) is Literal:
     return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
   return getattr(tp, "__name__", str(tp))
 
 
-def _coerce(tp: Any, value: Any, key: str) -> Any:
+def parse_value(tp: Any, value: Any, key: str) -> Any:
   origin = typing.get_origin(tp)
   args = typing.get_args(tp)
   if origin in (typing.Union, types.UnionType):
     if value is None and type(None) in args:
       return None
+    variants = [a for a in args if dataclasses.is_dataclass(a)]
+    if variants and len(variants) == len([a for a in args if a is not type(None)]):
+      return _parse_tagged(variants, value, key)
     errors = []
     for arg in (a for a in args if a is not type(None)):
       try:
-        return _coerce(arg, value, key)
+        return parse_value(arg, value, key)
       except ConfigError as e:
         errors.append(str(e))
     allowed = " or ".join(_describe(a) for a in args)
@@ -88,7 +102,7 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
     if not isinstance(value, (list, tuple)):
       raise ConfigError(key, f"expected a list, got {value!r}")
     (item,) = args[:1] or (Any,)
-    return tuple(_coerce(item, v, f"{key}[{i}]") for i, v in enumerate(value))
+    return tuple(parse_value(item, v, f"{key}[{i}]") for i, v in enumerate(value))
   if dataclasses.is_dataclass(tp):
     return parse(tp, value, key)
   if tp is Any:

@@ -162,19 +162,13 @@ class DeepseekV2Config:
 
 
 ModelConfig = Qwen2Config | DeepseekV2Config
-MODEL_CONFIGS: dict[str, type] = {"qwen2": Qwen2Config, "deepseek_v2": DeepseekV2Config}
 
 
 def parse_model_config(values, key: str = "config.model") -> ModelConfig:
   """Picks the family's schema from `values['family']`, then parses against it."""
   from pretrain import schema
 
-  if hasattr(values, "to_dict"):
-    values = values.to_dict()
-  family = (values or {}).get("family")
-  if family not in MODEL_CONFIGS:
-    raise ConfigError(f"{key}.family", f"got {family!r}; allowed values: {', '.join(map(repr, MODEL_CONFIGS))}")
-  return schema.parse(MODEL_CONFIGS[family], values, key)
+  return schema.parse_value(ModelConfig, values, key)
 
 
 def _divisors(n: int) -> str:

@@ -1,0 +1,183 @@
+"""Model behaviour that parity with transformers does not cover: causality, packing,
+the dropless MoE against a dense reference, routing rules, axis names, jit."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from pretrain import models
+from pretrain.models import moe, presets
+
+FAMILIES = ["tiny-deepseek-v2", "tiny-qwen2"]
+
+
+def _ids(batch=2, seq=12, vocab=1024, seed=0):
+  return jax.random.randint(jax.random.key(seed), (batch, seq), 0, vocab, dtype=jnp.int32)
+
+
+@pytest.mark.parametrize("preset", FAMILIES)
+def test_logits_shape_dtype_and_aux(preset):
+  model = models.build(presets.get(preset))
+  ids = _ids()
+  logits = model(ids)
+  assert logits.shape == (2, 12, 1024) and logits.dtype == jnp.float32
+  logits2, aux = model(ids, return_aux=True)
+  np.testing.assert_array_equal(logits, logits2)
+  assert aux["balance_loss"].shape == ()
+  if preset == "tiny-deepseek-v2":
+    config = model.config
+    moe_layers = sum(config.is_moe_layer(i) for i in range(config.num_hidden_layers))
+    assert aux["expert_load"].shape == (moe_layers, config.n_routed_experts)
+    np.testing.assert_allclose(aux["expert_load"].sum(-1), 1.0, rtol=1e-6)
+    assert float(aux["balance_loss"]) > 0
+
+
+@pytest.mark.parametrize("preset", FAMILIES)
+def test_causal_through_gradients(preset):
+  """d logits[t] / d embedding[s] is zero for every s > t."""
+  model = models.build(presets.get(preset))
+  ids = _ids(batch=1, seq=8)
+  t = 4
+
+  def logit_at_t(x_BxSxD):
+    graphdef, state = nnx.split(model)
+    m = nnx.merge(graphdef, state)
+    m.embed_tokens = _FixedEmbedding(x_BxSxD, model.embed_tokens.table)
+    return m(ids)[0, t].sum()
+
+  x = model.embed_tokens(ids, jnp.float32)
+  grad = jax.grad(logit_at_t)(x)
+  assert np.abs(grad[0, t + 1:]).max() == 0.0
+  assert np.abs(grad[0, :t + 1]).max() > 0.0
+
+
+class _FixedEmbedding(nnx.Module):
+  """Feeds given embeddings (the variable we differentiate), keeps the table for tied heads."""
+
+  def __init__(self, x, table):
+    self.x = nnx.Variable(x)
+    self.table = table
+
+  def __call__(self, ids, dtype):
+    return self.x[...].astype(dtype)
+
+
+@pytest.mark.parametrize("preset", FAMILIES)
+def test_packed_documents_do_not_attend_across(preset):
+  """Two documents packed in one row give the logits each gives alone (positions restart)."""
+  model = models.build(presets.get(preset))
+  a, b = _ids(batch=1, seq=5, seed=1), _ids(batch=1, seq=7, seed=2)
+  packed = jnp.concatenate([a, b], axis=1)
+  segments = jnp.array([[1] * 5 + [2] * 7])
+  positions = jnp.array([list(range(5)) + list(range(7))])
+  logits = model(packed, positions, segments)
+  np.testing.assert_allclose(logits[:, :5], model(a), atol=1e-5)
+  np.testing.assert_allclose(logits[:, 5:], model(b), atol=1e-5)
+
+
+@pytest.mark.parametrize("preset", FAMILIES)
+def test_jit_matches_eager(preset):
+  model = models.build(presets.get(preset))
+  ids = _ids()
+  np.testing.assert_allclose(nnx.jit(lambda m, x: m(x))(model, ids), model(ids), atol=1e-5)
+
+
+def test_bfloat16_compute_keeps_float32_params_and_logits():
+  config = presets.get("tiny-deepseek-v2", dtype="bfloat16")
+  model = models.build(config)
+  logits = model(_ids())
+  assert logits.dtype == jnp.float32
+  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  reference = models.build(dataclasses.replace(config, dtype="float32"))(_ids())
+  np.testing.assert_allclose(logits, reference, atol=0.1)
+
+
+@pytest.mark.parametrize("preset", FAMILIES)
+def test_every_parameter_has_logical_axis_names(preset):
+  model = models.build(presets.get(preset))
+  known = {"vocab", "embed", "heads", "kv_heads", "head_dim", "mlp", "expert", "q_lora", "kv_lora", "norm"}
+  for path, var in nnx.iter_graph(model):
+    if isinstance(var, nnx.Param):
+      axes = var.get_metadata()["out_sharding"]
+      assert len(axes) == var[...].ndim, path
+      assert set(axes) <= known, (path, axes)
+
+
+def _dense_reference_moe(layer: moe.DeepseekMoE, x_BxSxD):
+  """Every expert on every token, masked by the routing: the definition dropless must equal."""
+  config = layer.config
+  x_TxD = x_BxSxD.reshape(-1, x_BxSxD.shape[-1])
+  scores = jax.nn.softmax(x_TxD @ layer.gate[...], axis=-1)
+  weights_TxK, experts_TxK = moe.route(scores, config)
+  combine_TxE = jnp.zeros(scores.shape).at[jnp.arange(len(x_TxD))[:, None], experts_TxK].add(weights_TxK)
+  e = layer.experts
+  h = jax.nn.silu(jnp.einsum("TD,EDF->ETF", x_TxD, e.gate_proj[...])) * jnp.einsum("TD,EDF->ETF", x_TxD,
+                                                                                    e.up_proj[...])
+  y_ExTxD = jnp.einsum("ETF,EFD->ETD", h, e.down_proj[...])
+  y = jnp.einsum("ETD,TE->TD", y_ExTxD, combine_TxE).reshape(x_BxSxD.shape)
+  return y + layer.shared_experts(x_BxSxD)
+
+
+@pytest.mark.parametrize("overrides", [
+    {},
+    {"topk_method": "group_limited_greedy", "n_group": 4, "topk_group": 2, "routed_scaling_factor": 2.5},
+    {"norm_topk_prob": True, "num_experts_per_tok": 3},
+])
+def test_dropless_moe_equals_dense_reference(overrides):
+  config = presets.get("tiny-deepseek-v2", **overrides)
+  layer = moe.DeepseekMoE(config, rngs=nnx.Rngs(3))
+  x = jax.random.normal(jax.random.key(4), (3, 10, config.hidden_size))
+  y, aux = layer(x)
+  np.testing.assert_allclose(y, _dense_reference_moe(layer, x), atol=1e-5)
+  # Dropless: every token reaches exactly K experts.
+  np.testing.assert_allclose(aux["expert_load"].sum(), 1.0, rtol=1e-6)
+
+
+def test_moe_gradients_match_dense_reference():
+  config = presets.get("tiny-deepseek-v2")
+  layer = moe.DeepseekMoE(config, rngs=nnx.Rngs(5))
+  x = jax.random.normal(jax.random.key(6), (2, 6, config.hidden_size))
+  g_ours = nnx.grad(lambda m: (m(x)[0] ** 2).sum())(layer)
+  g_ref = nnx.grad(lambda m: (_dense_reference_moe(m, x) ** 2).sum())(layer)
+  for a, b in zip(jax.tree.leaves(g_ours), jax.tree.leaves(g_ref)):
+    np.testing.assert_allclose(a, b, atol=1e-4)
+
+
+def test_group_limited_routing_stays_in_the_best_groups():
+  config = presets.get("tiny-deepseek-v2", topk_method="group_limited_greedy", n_group=4, topk_group=2,
+                       num_experts_per_tok=3)
+  scores = jax.nn.softmax(jax.random.normal(jax.random.key(7), (50, 8)), axis=-1)
+  _, experts = moe.route(scores, config)
+  group_best = scores.reshape(50, 4, 2).max(-1)
+  allowed_groups = np.argsort(-np.asarray(group_best), axis=-1)[:, :2]
+  for token in range(50):
+    assert set(np.asarray(experts[token]) // 2) <= set(allowed_groups[token])
+
+
+def test_balance_loss_formula():
+  """alpha * mean_b sum_i f_i P_i, with f_i = count_i * E / (S * K), on a hand-built case."""
+  config = presets.get("tiny-deepseek-v2", n_routed_experts=4, num_experts_per_tok=1, aux_loss_alpha=0.5)
+  scores = jnp.array([[[0.7, 0.1, 0.1, 0.1], [0.1, 0.7, 0.1, 0.1]]])  # B=1, S=2
+  experts = jnp.array([[[0], [1]]])
+  # f = [2, 2, 0, 0]; P = [0.4, 0.4, 0.1, 0.1]; sum f*P = 1.6
+  np.testing.assert_allclose(moe.balance_loss(scores, experts, config), 0.5 * 1.6, rtol=1e-6)
+  uniform = presets.get("tiny-deepseek-v2", n_routed_experts=4, num_experts_per_tok=1, aux_loss_alpha=1.0,
+                        seq_aux=False)
+  np.testing.assert_allclose(moe.balance_loss(scores, experts, uniform), 1.6, rtol=1e-6)
+
+
+def test_moe_layer_placement():
+  config = presets.get("tiny-deepseek-v2", num_hidden_layers=6, first_k_dense_replace=2, moe_layer_freq=2)
+  model = models.build_abstract(config)
+  kinds = [type(block.mlp).__name__ for block in model.layers]
+  assert kinds == ["SwiGLU", "SwiGLU", "DeepseekMoE", "SwiGLU", "DeepseekMoE", "SwiGLU"]
+
+
+def test_q_lora_variant_builds_and_runs():
+  model = models.build(presets.get("tiny-deepseek-v2", q_lora_rank=24))
+  assert model.layers[0].self_attn.q_b_proj.shape == (24, 4, 24)
+  assert np.isfinite(model(_ids())).all()
