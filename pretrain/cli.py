@@ -16,6 +16,7 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 
+from pretrain.convert.errors import ConversionError
 from pretrain.schema import ConfigError
 
 
@@ -106,7 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = parser.parse_args(rest)
   try:
     commands[args.command](args, config_flags)
-  except (ConfigError, FileNotFoundError, FileExistsError) as e:
+  except (ConfigError, ConversionError, FileNotFoundError, FileExistsError) as e:
     print(f"pretrain {args.command}: error: {e}", file=sys.stderr)
     return 2
   return 0

@@ -16,6 +16,11 @@ from pretrain.models.causal_lm import CausalLM
 from pretrain.models.config import DeepseekV2Config
 
 
+# DeepSeek's code (and transformers) build the q/kv latent norms with the RMSNorm default eps,
+# not config.rms_norm_eps; the two differ once a config sets rms_norm_eps != 1e-6.
+LATENT_NORM_EPS = 1e-6
+
+
 class MLAttention(nnx.Module):
   def __init__(self, config: DeepseekV2Config, *, rngs: nnx.Rngs):
     self.config = config
@@ -25,10 +30,10 @@ class MLAttention(nnx.Module):
       self.q_proj = layers.param(rngs, (d, n, qk), ("embed", "heads", "head_dim"), std)
     else:
       self.q_a_proj = layers.param(rngs, (d, config.q_lora_rank), ("embed", "q_lora"), std)
-      self.q_a_layernorm = layers.RMSNorm(config.q_lora_rank, config.rms_norm_eps, rngs=rngs)
+      self.q_a_layernorm = layers.RMSNorm(config.q_lora_rank, LATENT_NORM_EPS, rngs=rngs)
       self.q_b_proj = layers.param(rngs, (config.q_lora_rank, n, qk), ("q_lora", "heads", "head_dim"), std)
     self.kv_a_proj_with_mqa = layers.param(rngs, (d, config.kv_lora_rank + rope_dim), ("embed", "kv_lora"), std)
-    self.kv_a_layernorm = layers.RMSNorm(config.kv_lora_rank, config.rms_norm_eps, rngs=rngs)
+    self.kv_a_layernorm = layers.RMSNorm(config.kv_lora_rank, LATENT_NORM_EPS, rngs=rngs)
     self.kv_b_proj = layers.param(rngs, (config.kv_lora_rank, n, nope + config.v_head_dim),
                                   ("kv_lora", "heads", "head_dim"), std)
     self.o_proj = layers.param(rngs, (n, config.v_head_dim, d), ("heads", "head_dim", "embed"), std)
