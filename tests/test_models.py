@@ -143,7 +143,7 @@ def test_moe_gradients_match_dense_reference():
   x = jax.random.normal(jax.random.key(6), (2, 6, config.hidden_size))
   g_ours = nnx.grad(lambda m: (m(x)[0] ** 2).sum())(layer)
   g_ref = nnx.grad(lambda m: (_dense_reference_moe(m, x) ** 2).sum())(layer)
-  for a, b in zip(jax.tree.leaves(g_ours), jax.tree.leaves(g_ref)):
+  for a, b in zip(jax.tree.leaves(g_ours), jax.tree.leaves(g_ref), strict=True):
     np.testing.assert_allclose(a, b, atol=1e-4)
 
 
