@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 from pretrain import models
-from pretrain.models import moe, presets
+from pretrain.models import grouped_experts, moe, presets
 
 FAMILIES = ["tiny-deepseek-v2", "tiny-qwen2"]
 
@@ -122,13 +122,14 @@ def _dense_reference_moe(layer: moe.DeepseekMoE, x_BxSxD):
   return y + layer.shared_experts(x_BxSxD)
 
 
+@pytest.mark.parametrize("implementation", ["blocked", "ragged_dot"])
 @pytest.mark.parametrize("overrides", [
     {},
     {"topk_method": "group_limited_greedy", "n_group": 4, "topk_group": 2, "routed_scaling_factor": 2.5},
     {"norm_topk_prob": True, "num_experts_per_tok": 3},
 ])
-def test_dropless_moe_equals_dense_reference(overrides):
-  config = presets.get("tiny-deepseek-v2", **overrides)
+def test_dropless_moe_equals_dense_reference(overrides, implementation):
+  config = presets.get("tiny-deepseek-v2", moe_implementation=implementation, **overrides)
   layer = moe.DeepseekMoE(config, rngs=nnx.Rngs(3))
   x = jax.random.normal(jax.random.key(4), (3, 10, config.hidden_size))
   y, aux = layer(x)
@@ -137,14 +138,41 @@ def test_dropless_moe_equals_dense_reference(overrides):
   np.testing.assert_allclose(aux["expert_load"].sum(), 1.0, rtol=1e-6)
 
 
-def test_moe_gradients_match_dense_reference():
-  config = presets.get("tiny-deepseek-v2")
+@pytest.mark.parametrize("implementation", ["blocked", "ragged_dot"])
+def test_moe_gradients_match_dense_reference(implementation):
+  config = presets.get("tiny-deepseek-v2", moe_implementation=implementation)
   layer = moe.DeepseekMoE(config, rngs=nnx.Rngs(5))
   x = jax.random.normal(jax.random.key(6), (2, 6, config.hidden_size))
   g_ours = nnx.grad(lambda m: (m(x)[0] ** 2).sum())(layer)
   g_ref = nnx.grad(lambda m: (_dense_reference_moe(m, x) ** 2).sum())(layer)
   for a, b in zip(jax.tree.leaves(g_ours), jax.tree.leaves(g_ref), strict=True):
     np.testing.assert_allclose(a, b, atol=1e-4)
+
+
+@pytest.mark.parametrize("sizes", [[40, 0, 0, 0], [0, 0, 0, 40], [1, 13, 0, 26], [10, 10, 10, 10]])
+def test_blocked_experts_handle_skewed_and_empty_groups(sizes):
+  """Every expert gets the rows routed to it, however unbalanced; the result equals ragged_dot."""
+  experts, dim, hidden = 4, 6, 5
+  keys = jax.random.split(jax.random.key(8), 4)
+  x = jax.random.normal(keys[0], (sum(sizes), dim))
+  gate, up = (jax.random.normal(k, (experts, dim, hidden)) for k in keys[1:3])
+  down = jax.random.normal(keys[3], (experts, hidden, dim))
+  group_sizes = jnp.array(sizes, jnp.int32)
+  blocked = grouped_experts.expert_swiglu(x, group_sizes, gate, up, down, "blocked")
+  expert_of_row = np.repeat(np.arange(experts), sizes)
+  expected = np.stack([
+      np.asarray(jax.nn.silu(x[r] @ gate[e]) * (x[r] @ up[e]) @ down[e]) for r, e in enumerate(expert_of_row)])
+  np.testing.assert_allclose(blocked, expected, atol=1e-5)
+  np.testing.assert_allclose(blocked, grouped_experts.expert_swiglu(x, group_sizes, gate, up, down, "ragged_dot"),
+                             atol=1e-5)
+
+  def loss(implementation, *args):  # the blocked path has a hand-written backward pass: check all of it
+    return (grouped_experts.expert_swiglu(args[0], group_sizes, *args[1:], implementation) ** 2).sum()
+
+  grads_blocked = jax.grad(loss, argnums=(1, 2, 3, 4))("blocked", x, gate, up, down)
+  grads_ragged = jax.grad(loss, argnums=(1, 2, 3, 4))("ragged_dot", x, gate, up, down)
+  for a, b in zip(grads_blocked, grads_ragged, strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-3)
 
 
 def test_group_limited_routing_stays_in_the_best_groups():

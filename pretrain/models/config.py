@@ -112,6 +112,8 @@ class DeepseekV2Config:
   moe_layer_freq: int = 1
   aux_loss_alpha: float = 0.001
   seq_aux: bool = True
+  # How routed experts compute (pretrain/models/grouped_experts.py); not part of the checkpoint.
+  moe_implementation: Literal["auto", "ragged_dot", "blocked"] = "auto"
   # positions and the rest
   rope_theta: float = 10000.0
   rope_scaling: RopeScaling = dataclasses.field(default_factory=RopeScaling)

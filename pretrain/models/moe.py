@@ -3,9 +3,10 @@
 Routing follows DeepSeek-V2's modeling code: a softmax gate in float32, greedy or
 group-limited top-k, then either renormalised weights (`norm_topk_prob`) or weights
 times `routed_scaling_factor`. The routed experts run dropless: the T*K (token,
-expert) assignments are sorted by expert and computed with one grouped matmul per
-projection (`jax.lax.ragged_dot`), so no token is dropped and no expert computes a
-token it was not given.
+expert) assignments are sorted by expert and computed as grouped matmuls
+(`grouped_experts.py`: `jax.lax.ragged_dot`, or blocks of rows scanned through their
+expert where ragged_dot has no fast kernel), so no token is dropped and no expert
+computes a token it was not given.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from pretrain.models import layers
+from pretrain.models import grouped_experts, layers
 from pretrain.models.config import DeepseekV2Config
 
 
@@ -53,7 +54,9 @@ def balance_loss(scores_BxSxE: jnp.ndarray, experts_BxSxK: jnp.ndarray, config: 
 class RoutedExperts(nnx.Module):
   """E SwiGLU experts stored as stacked [E, ...] weights and run with grouped matmuls."""
 
-  def __init__(self, num_experts: int, dim: int, hidden: int, std: float, *, rngs: nnx.Rngs):
+  def __init__(self, num_experts: int, dim: int, hidden: int, std: float, implementation: str, *,
+               rngs: nnx.Rngs):
+    self.implementation = implementation
     self.gate_proj = layers.param(rngs, (num_experts, dim, hidden), ("expert", "embed", "mlp"), std)
     self.up_proj = layers.param(rngs, (num_experts, dim, hidden), ("expert", "embed", "mlp"), std)
     self.down_proj = layers.param(rngs, (num_experts, hidden, dim), ("expert", "mlp", "embed"), std)
@@ -67,12 +70,9 @@ class RoutedExperts(nnx.Module):
     order = jnp.argsort(flat_experts, stable=True)
     x_AxD = jnp.take(x_TxD, order // k, axis=0)  # A = T*K assignments
     group_sizes_E = jnp.bincount(flat_experts, length=num_experts).astype(jnp.int32)
-
-    def grouped(lhs, w):
-      return jax.lax.ragged_dot(lhs, w[...].astype(dtype), group_sizes_E, preferred_element_type=dtype)
-
-    h_AxF = jax.nn.silu(grouped(x_AxD, self.gate_proj)) * grouped(x_AxD, self.up_proj)
-    y_AxD = grouped(h_AxF, self.down_proj)
+    y_AxD = grouped_experts.expert_swiglu(
+        x_AxD, group_sizes_E, self.gate_proj[...].astype(dtype), self.up_proj[...].astype(dtype),
+        self.down_proj[...].astype(dtype), self.implementation)
     # Back to (token, k) order; summing over k keeps a fixed, deterministic order.
     y_TxKxD = jnp.take(y_AxD, jnp.argsort(order), axis=0).reshape(tokens, k, -1)
     return jnp.einsum("TKD,TK->TD", y_TxKxD, weights_TxK.astype(dtype))
@@ -83,7 +83,8 @@ class DeepseekMoE(nnx.Module):
     self.config = config
     d, std = config.hidden_size, config.initializer_range
     self.gate = layers.param(rngs, (d, config.n_routed_experts), ("embed", "expert"), std)
-    self.experts = RoutedExperts(config.n_routed_experts, d, config.moe_intermediate_size, std, rngs=rngs)
+    self.experts = RoutedExperts(config.n_routed_experts, d, config.moe_intermediate_size, std,
+                                 config.moe_implementation, rngs=rngs)
     self.shared_experts = (
         layers.SwiGLU(d, config.moe_intermediate_size * config.n_shared_experts, std, rngs=rngs)
         if config.n_shared_experts else None)
