@@ -98,6 +98,13 @@ def parse_value(tp: Any, value: Any, key: str) -> Any:
     if value not in args:
       raise ConfigError(key, f"got {value!r}; allowed values: {', '.join(repr(a) for a in args)}")
     return value
+  if origin is dict:
+    if hasattr(value, "to_dict"):
+      value = value.to_dict()
+    if not isinstance(value, Mapping):
+      raise ConfigError(key, f"expected a mapping, got {value!r}")
+    key_type, value_type = args or (Any, Any)
+    return {parse_value(key_type, k, f"{key}"): parse_value(value_type, v, f"{key}.{k}") for k, v in value.items()}
   if origin in (tuple, list):
     if not isinstance(value, (list, tuple)):
       raise ConfigError(key, f"expected a list, got {value!r}")

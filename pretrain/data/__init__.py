@@ -1,0 +1,1 @@
+"""The data side: corpus preparation (`prepare`) and the Grain training pipeline (`pipeline`)."""

@@ -1,0 +1,86 @@
+"""Typed settings of the data side: special tokens, preparation rules, the training pipeline."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from pretrain.schema import ConfigError
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SpecialTokens:
+  """Strings of the special tokens; their ids are looked up in the tokenizer, never hard-coded.
+
+  Defaults are DeepSeek-V2's (U+FF5C '｜' and U+2581 '▁'); pad is EOS there.
+  """
+
+  bos: str = "<｜begin▁of▁sentence｜>"
+  eos: str = "<｜end▁of▁sentence｜>"
+  pad: str = "<｜end▁of▁sentence｜>"
+  fim_begin: str = "<｜fim▁begin｜>"  # PSM: begin prefix hole suffix end middle
+  fim_hole: str = "<｜fim▁hole｜>"
+  fim_end: str = "<｜fim▁end｜>"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CodeFilters:
+  """The DeepSeek-Coder-V2 paper's rules for source files; each drop is counted by rule."""
+
+  max_avg_line_length: float = 100.0
+  max_line_length: int = 1000
+  min_alpha_fraction: float = 0.25
+  xml_header: str = "<?xml version="  # dropped when in the first `xml_header_window` characters (not XSLT)
+  xml_header_window: int = 100
+  html_min_visible_fraction: float = 0.2
+  html_min_visible_chars: int = 100
+  json_yaml_min_chars: int = 50
+  json_yaml_max_chars: int = 5000
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Dedup:
+  exact: bool = True  # content hash
+  near: bool = True  # MinHash LSH
+  shingle_size: int = 5  # words per shingle
+  num_perm: int = 128
+  threshold: float = 0.85  # estimated Jaccard similarity at which a document is a near duplicate
+
+  def validate(self, key: str) -> None:
+    if not 0.0 < self.threshold <= 1.0:
+      raise ConfigError(f"{key}.threshold", f"must be within (0, 1], got {self.threshold}")
+    if self.shingle_size < 1 or self.num_perm < 16:
+      raise ConfigError(f"{key}.shingle_size", "shingle_size must be >= 1 and num_perm >= 16")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Prepare:
+  filters: CodeFilters = dataclasses.field(default_factory=CodeFilters)
+  dedup: Dedup = dataclasses.field(default_factory=Dedup)
+  docs_per_shard: int = 2000
+  workers: int = 0  # 0: every core
+  skip_corrupt_records: bool = False  # count and skip an unreadable JSONL line / Parquet row instead of failing
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DataConfig:
+  mixture: str  # a data_mixtures/ file, FILE[:ARG]
+  prepared_dir: str  # where `pretrain prepare` writes and the pipeline reads
+  tokenizer: str  # tokenizer.model (sentencepiece) or tokenizer.json (Hugging Face), or a directory with one
+  special_tokens: SpecialTokens = dataclasses.field(default_factory=SpecialTokens)
+  prepare: Prepare = dataclasses.field(default_factory=Prepare)
+  seq_len: int = 512
+  global_batch_size: int = 8
+  weights: dict[str, float] = dataclasses.field(default_factory=dict)  # per-stage override, by component name
+  min_length: int | None = None  # per-stage override of every component's min_length
+  add_bos: bool = True
+  skip_corrupt_records: bool = False
+  seed: int = 0
+
+  def validate(self, key: str) -> None:
+    if self.seq_len < 2:
+      raise ConfigError(f"{key}.seq_len", f"must be >= 2, got {self.seq_len}")
+    if self.global_batch_size < 1:
+      raise ConfigError(f"{key}.global_batch_size", f"must be >= 1, got {self.global_batch_size}")
+    for name, weight in self.weights.items():
+      if weight < 0:
+        raise ConfigError(f"{key}.weights.{name}", f"must be >= 0, got {weight}")
