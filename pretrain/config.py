@@ -21,6 +21,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from pretrain import schema
+from pretrain.data.config import DataConfig
 from pretrain.models import presets
 from pretrain.models.config import ModelConfig
 from pretrain.schema import ConfigError
@@ -32,6 +33,7 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.p
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ExperimentConfig:
   model: ModelConfig
+  data: DataConfig | None = None  # what `pretrain prepare` builds and training reads
   seed: int = 0
 
 
@@ -60,10 +62,11 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
 def model_config_dict(preset: str, **overrides: Any) -> ml_collections.ConfigDict:
   """A preset as a ConfigDict whose every field, optional ones included, can be overridden by flag."""
   model = presets.get(preset, **overrides)
-  return _to_config_dict(model)
+  return as_config_dict(model)
 
 
-def _to_config_dict(obj: Any) -> Any:
+def as_config_dict(obj: Any) -> Any:
+  """A dataclass as a ConfigDict; None fields become typed placeholders so flags can set them."""
   if not dataclasses.is_dataclass(obj):
     return obj
   hints = typing.get_type_hints(type(obj))
@@ -73,7 +76,7 @@ def _to_config_dict(obj: Any) -> Any:
     if value is None:  # a typed placeholder keeps `--config.model.q_lora_rank=1536` working
       inner = [a for a in typing.get_args(hints[field.name]) if a is not type(None)]
       value = config_dict.placeholder(inner[0] if inner else object)
-    out[field.name] = _to_config_dict(value)
+    out[field.name] = as_config_dict(value)
   return out
 
 

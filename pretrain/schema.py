@@ -83,8 +83,11 @@ def parse_value(tp: Any, value: Any, key: str) -> Any:
   if origin in (typing.Union, types.UnionType):
     if value is None and type(None) in args:
       return None
+    non_none = [a for a in args if a is not type(None)]
+    if len(non_none) == 1:  # Optional[X]: X's own error is the clearest
+      return parse_value(non_none[0], value, key)
     variants = [a for a in args if dataclasses.is_dataclass(a)]
-    if variants and len(variants) == len([a for a in args if a is not type(None)]):
+    if len(variants) > 1 and len(variants) == len([a for a in args if a is not type(None)]):
       return _parse_tagged(variants, value, key)
     errors = []
     for arg in (a for a in args if a is not type(None)):

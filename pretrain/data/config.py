@@ -66,6 +66,9 @@ class DataConfig:
   mixture: str  # a data_mixtures/ file, FILE[:ARG]
   prepared_dir: str  # where `pretrain prepare` writes and the pipeline reads
   tokenizer: str  # tokenizer.model (sentencepiece) or tokenizer.json (Hugging Face), or a directory with one
+  # When `tokenizer` does not exist yet: train a sentencepiece BPE of this size on the mixture's inputs first
+  # (the built-in default does; a real run uses its base model's tokenizer and leaves this None).
+  train_tokenizer_vocab_size: int | None = None
   special_tokens: SpecialTokens = dataclasses.field(default_factory=SpecialTokens)
   prepare: Prepare = dataclasses.field(default_factory=Prepare)
   seq_len: int = 512

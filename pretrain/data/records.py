@@ -90,3 +90,17 @@ def read_shard(path: pathlib.Path):
       yield decode(reader.read([i])[0], f"{path}[{i}]")
   finally:
     reader.close()
+
+
+def document_lengths(path: pathlib.Path) -> np.ndarray:
+  """Token count of every document of a shard, from its `.lengths.npy` sidecar (made on first use)."""
+  path = pathlib.Path(path)
+  sidecar = path.parent / (path.name + ".lengths.npy")
+  if sidecar.exists() and sidecar.stat().st_mtime >= path.stat().st_mtime:
+    return np.load(sidecar)
+  lengths = np.array([len(doc.tokens) for doc in read_shard(path)], np.int64)
+  tmp = sidecar.parent / f".{sidecar.name}.tmp-{os.getpid()}"
+  with open(tmp, "wb") as f:
+    np.save(f, lengths)
+  os.replace(tmp, sidecar)
+  return lengths
