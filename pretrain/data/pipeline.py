@@ -16,6 +16,7 @@ state (`get_state` / `set_state`) restores it exactly.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import pathlib
 
 import grain
@@ -38,35 +39,33 @@ def shard_paths(prepared_dir, component: Component) -> list[pathlib.Path]:
 
 
 class DocumentSource(grain.sources.RandomAccessDataSource):
-  """Token ids of a component's selected documents (those long enough), by position."""
+  """Token ids of a component's selected documents, by position."""
 
-  def __init__(self, paths: list[pathlib.Path], indices: np.ndarray, *, skip_corrupt: bool):
-    try:
-      self._source = grain.sources.ArrayRecordDataSource([str(p) for p in paths])
-    except Exception as e:  # not an ArrayRecord file, or unreadable
-      raise records.CorruptRecordError(f"cannot open shards {[str(p) for p in paths]}: {e}") from e
-    self._paths, self._indices, self._skip_corrupt = paths, indices, skip_corrupt
-    self._shard_starts = None
-    self.skipped_corrupt = 0
+  def __init__(self, paths: list[pathlib.Path], indices: np.ndarray):
+    self._source = grain.sources.ArrayRecordDataSource([str(p) for p in paths])
+    self._indices = indices
 
   def __len__(self) -> int:
     return len(self._indices)
 
   def __getitem__(self, index: int) -> np.ndarray:
     record_index = int(self._indices[index])
-    try:
-      return records.decode(self._source[record_index], self._where(record_index)).tokens
-    except records.CorruptRecordError:
-      if not self._skip_corrupt:
-        raise
-      self.skipped_corrupt += 1
-      return np.zeros(0, np.int32)  # an empty document: the packer skips it
+    return records.decode(self._source[record_index], f"record {record_index}").tokens
 
-  def _where(self, record_index: int) -> str:
-    if self._shard_starts is None:
-      self._shard_starts = np.cumsum([0] + [len(records.document_lengths(p)) for p in self._paths])
-    shard = int(np.searchsorted(self._shard_starts, record_index, side="right") - 1)
-    return f"{self._paths[shard]}[{record_index - self._shard_starts[shard]}]"
+
+def select_documents(paths: list[pathlib.Path], component: Component, *, skip_corrupt: bool) -> np.ndarray:
+  """Indices (over the component's shards in order) of the documents with at least min_length tokens."""
+  lengths_per_shard = [records.document_lengths(p) for p in paths]
+  for path, lengths in zip(paths, lengths_per_shard, strict=True):
+    corrupt = np.flatnonzero(lengths < 0)
+    if len(corrupt) and not skip_corrupt:
+      raise records.CorruptRecordError(
+          f"{path}[{corrupt[0]}]: corrupt record ({len(corrupt)} in this shard); set "
+          "config.data.skip_corrupt_records=True to skip them")
+    if len(corrupt):
+      logging.warning("skipping %d corrupt records in %s", len(corrupt), path)
+  lengths = np.concatenate(lengths_per_shard)
+  return np.flatnonzero(lengths >= max(component.min_length, 1))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,29 +87,32 @@ class MakeExample:
 
 
 def component_rows(config: DataConfig, component: Component, index: int, tokenizer, *, process_index: int,
-                   process_count: int) -> grain.IterDataset:
-  """One component's packed rows for this process, forever."""
+                   process_count: int, num_epochs: int | None = None) -> grain.IterDataset:
+  """One component's packed rows for this process; forever unless `num_epochs` is given."""
   paths = shard_paths(config.prepared_dir, component)
-  lengths = np.concatenate([records.document_lengths(p) for p in paths])
-  selected = np.flatnonzero(lengths >= max(component.min_length, 1))
+  selected = select_documents(paths, component, skip_corrupt=config.skip_corrupt_records)
   if len(selected) < process_count:
     raise ConfigError(f"mixture component {component.name!r}",
                       f"only {len(selected)} documents have at least {component.min_length} tokens; "
                       f"need one per process ({process_count})")
-  source = DocumentSource(paths, selected[process_index::process_count], skip_corrupt=config.skip_corrupt_records)
+  source = DocumentSource(paths, selected[process_index::process_count])
   example = MakeExample(tokenizer, component.fim_rate, component.fim_spm_rate, config.add_bos)
   shuffle_seed, example_seed = _seeds(config.seed, index)
   documents = (grain.MapDataset.source(source)
                .shuffle(seed=shuffle_seed)
-               .repeat(None)
+               .repeat(num_epochs)
                .random_map(example, seed=example_seed))
   return PackIterDataset(documents.to_iter_dataset(), seq_len=config.seq_len, pad_id=tokenizer.pad_id,
                          component=index)
 
 
-def build(config: DataConfig, mixture: Mixture, tokenizer, *, process_index: int = 0,
-          process_count: int = 1) -> grain.IterDataset:
-  """This process's batches: dicts of [global_batch_size / process_count, seq_len] arrays (see packing.py)."""
+def build(config: DataConfig, mixture: Mixture, tokenizer, *, process_index: int = 0, process_count: int = 1,
+          num_epochs: int | None = None) -> grain.IterDataset:
+  """This process's batches: dicts of [global_batch_size / process_count, seq_len] arrays (see packing.py).
+
+  Endless by default (training); with `num_epochs` the stream ends once a component has been read that
+  many times (evaluation), and its last batch may hold fewer rows.
+  """
   if config.global_batch_size % process_count:
     raise ConfigError("config.data.global_batch_size",
                       f"{config.global_batch_size} does not divide evenly over {process_count} processes")
@@ -118,10 +120,11 @@ def build(config: DataConfig, mixture: Mixture, tokenizer, *, process_index: int
     tokenizer.require_fim()  # a tokenizer without the sentinels is an error before any data is read
   mixture = mixture.with_overrides(config.weights, config.min_length)
   active = [(i, c) for i, c in enumerate(mixture.components) if c.weight > 0]
-  rows = [component_rows(config, c, i, tokenizer, process_index=process_index, process_count=process_count)
+  rows = [component_rows(config, c, i, tokenizer, process_index=process_index, process_count=process_count,
+                         num_epochs=num_epochs)
           for i, c in active]
   mixed = grain.IterDataset.mix(rows, [c.weight for _, c in active]) if len(rows) > 1 else rows[0]
-  return mixed.batch(config.global_batch_size // process_count, drop_remainder=True)
+  return mixed.batch(config.global_batch_size // process_count, drop_remainder=num_epochs is None)
 
 
 def _seeds(seed: int, component: int) -> tuple[int, int]:

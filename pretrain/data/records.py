@@ -93,12 +93,31 @@ def read_shard(path: pathlib.Path):
 
 
 def document_lengths(path: pathlib.Path) -> np.ndarray:
-  """Token count of every document of a shard, from its `.lengths.npy` sidecar (made on first use)."""
+  """Token count of every document of a shard (-1 for a corrupt record), from its `.lengths.npy` sidecar.
+
+  The sidecar is made on first use by decoding every record, which also finds corrupt ones early.
+  """
+  from array_record.python.array_record_module import ArrayRecordReader
+
   path = pathlib.Path(path)
   sidecar = path.parent / (path.name + ".lengths.npy")
   if sidecar.exists() and sidecar.stat().st_mtime >= path.stat().st_mtime:
     return np.load(sidecar)
-  lengths = np.array([len(doc.tokens) for doc in read_shard(path)], np.int64)
+  try:
+    reader = ArrayRecordReader(str(path))
+    try:
+      lengths = np.empty(reader.num_records(), np.int64)
+      for i in range(len(lengths)):
+        try:
+          lengths[i] = len(decode(reader.read([i])[0]).tokens)
+        except CorruptRecordError:
+          lengths[i] = -1
+    finally:
+      reader.close()
+  except CorruptRecordError:
+    raise
+  except Exception as e:  # not an ArrayRecord file at all, or a truncated one
+    raise CorruptRecordError(f"{path}: cannot read as an ArrayRecord shard ({e})") from e
   tmp = sidecar.parent / f".{sidecar.name}.tmp-{os.getpid()}"
   with open(tmp, "wb") as f:
     np.save(f, lengths)

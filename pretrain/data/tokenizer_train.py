@@ -1,0 +1,196 @@
+"""Training a byte-exact sentencepiece BPE tokenizer, and reading its training text from mixture inputs.
+
+The model is lossless on any UTF-8 text (except the U+2581 '▁' character, which
+sentencepiece reads as a space): byte fallback instead of <unk>, the identity
+normalizer, no dummy prefix, whitespace kept as is. Its special tokens are the
+`SpecialTokens` strings, so `load_tokenizer` finds them with the same config.
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import io
+import json
+import os
+import pathlib
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator
+
+from pretrain.data.config import SpecialTokens
+from pretrain.schema import ConfigError
+
+MODEL_NAME = "tokenizer.model"
+_BINARY_SNIFF_BYTES = 8192
+
+
+def train_sentencepiece(texts: Iterable[str], out_dir, *, vocab_size: int, special_tokens: SpecialTokens,
+                        model_type: str = "bpe", max_sentence_length: int = 16384,
+                        seed_sentencepiece_size: int = 1_000_000, character_coverage: float = 0.9995,
+                        num_threads: int = 0) -> pathlib.Path:
+  """Trains on `texts` and writes `tokenizer.model` and `tokenizer.vocab` into the new `out_dir`.
+
+  `out_dir` must not exist or be empty; it appears complete or not at all. Returns the
+  model's path. Raises ValueError when the text is too small for `vocab_size` pieces.
+  """
+  import sentencepiece
+
+  if max_sentence_length < 64:
+    raise ValueError(f"max_sentence_length must be >= 64 bytes, got {max_sentence_length}")
+  out_dir = pathlib.Path(out_dir)
+  if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+    raise FileExistsError(f"{out_dir} exists and is not an empty directory; refusing to overwrite a tokenizer")
+  specials = {"bos_piece": special_tokens.bos, "eos_piece": special_tokens.eos, "unk_piece": "<unk>", "pad_id": -1}
+  if special_tokens.pad != special_tokens.eos:  # else pad is EOS, with no piece of its own
+    specials.update(pad_id=3, pad_piece=special_tokens.pad)
+  errors: list[BaseException] = []  # sentencepiece reraises the iterator's errors as RuntimeError
+
+  def sentences() -> Iterator[str]:
+    try:
+      yield from _sentences(texts, max_sentence_length)
+    except BaseException as e:
+      errors.append(e)
+      raise
+
+  out_dir.parent.mkdir(parents=True, exist_ok=True)
+  tmp_dir = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+  try:
+    try:
+      sentencepiece.SentencePieceTrainer.train(
+          sentence_iterator=sentences(),
+          model_prefix=str(tmp_dir / "tokenizer"),
+          vocab_size=vocab_size,
+          model_type=model_type,
+          byte_fallback=True,
+          normalization_rule_name="identity",
+          add_dummy_prefix=False,
+          remove_extra_whitespaces=False,
+          split_digits=True,
+          allow_whitespace_only_pieces=True,
+          user_defined_symbols=[special_tokens.fim_begin, special_tokens.fim_hole, special_tokens.fim_end],
+          hard_vocab_limit=False,  # a soft limit: sentencepiece stops early on small corpora, checked below
+          max_sentence_length=max_sentence_length,
+          seed_sentencepiece_size=seed_sentencepiece_size,
+          character_coverage=character_coverage,
+          num_threads=num_threads or os.cpu_count() or 1,
+          minloglevel=2,
+          **specials,
+      )
+    except RuntimeError:
+      if errors:
+        raise errors[0] from None
+      raise
+    trained = sentencepiece.SentencePieceProcessor(model_file=str(tmp_dir / MODEL_NAME)).get_piece_size()
+    if trained != vocab_size:
+      raise ValueError(f"sentencepiece made {trained} pieces, not the {vocab_size} asked for: "
+                       "give it more text or ask for a smaller vocab_size")
+    if out_dir.exists():
+      out_dir.rmdir()  # empty, checked above
+    tmp_dir.rename(out_dir)
+  finally:
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+  return out_dir / MODEL_NAME
+
+
+def _sentences(texts: Iterable[str], max_bytes: int) -> Iterator[str]:
+  """Runs of whole lines (newlines kept, so they become pieces) of at most `max_bytes` UTF-8 bytes.
+
+  Sentencepiece skips longer sentences; a longer line is cut at character boundaries.
+  """
+  for text in texts:
+    chunk: list[str] = []
+    chunk_bytes = 0
+    for line in text.splitlines(keepends=True):
+      line_bytes = len(line.encode())
+      if chunk and chunk_bytes + line_bytes > max_bytes:
+        yield "".join(chunk)
+        chunk, chunk_bytes = [], 0
+      if line_bytes > max_bytes:
+        yield from _cut_line(line, max_bytes)
+        continue
+      chunk.append(line)
+      chunk_bytes += line_bytes
+    if chunk:
+      yield "".join(chunk)
+
+
+def _cut_line(line: str, max_bytes: int) -> Iterator[str]:
+  encoded = line.encode()
+  start = 0
+  while start < len(encoded):
+    stop = min(start + max_bytes, len(encoded))
+    while stop < len(encoded) and (encoded[stop] & 0xC0) == 0x80:  # not inside a character
+      stop -= 1
+    yield encoded[start:stop].decode()
+    start = stop
+
+
+def iter_texts_from_paths(paths: Iterable[str | os.PathLike], text_field: str = "text") -> Iterator[str]:
+  """The documents of mixture-style inputs, in a stable order.
+
+  A directory gives every regular file under it as one document (binary and non-UTF-8
+  files skipped); a `.jsonl`/`.jsonl.gz` file or a `.parquet` file gives `text_field` of
+  each row; any other file is one document. A path may be a glob.
+  """
+  if isinstance(paths, (str, os.PathLike)):
+    paths = [paths]
+  for raw in paths:
+    raw = str(raw)
+    matches = sorted(glob.glob(raw, recursive=True)) if glob.has_magic(raw) else [raw]
+    if not matches:
+      raise ConfigError("inputs", f"the glob {raw!r} matches nothing")
+    for match in matches:
+      path = pathlib.Path(match)
+      if path.is_dir():
+        for file in sorted(p for p in path.rglob("*") if p.is_file()):
+          text = _read_source(file)
+          if text is not None:
+            yield text
+      elif not path.exists():
+        raise ConfigError("inputs", f"no such file or directory: {path}")
+      elif path.name.endswith((".jsonl", ".jsonl.gz")):
+        yield from _read_jsonl(path, text_field)
+      elif path.suffix == ".parquet":
+        yield from _read_parquet(path, text_field)
+      else:
+        text = _read_source(path)
+        if text is not None:
+          yield text
+
+
+def _read_source(path: pathlib.Path) -> str | None:
+  data = path.read_bytes()
+  if b"\0" in data[:_BINARY_SNIFF_BYTES]:
+    return None
+  try:
+    return data.decode()
+  except UnicodeDecodeError:
+    return None
+
+
+def _read_jsonl(path: pathlib.Path, text_field: str) -> Iterator[str]:
+  opener = gzip.open if path.name.endswith(".gz") else open
+  with opener(path, "rb") as raw, io.TextIOWrapper(raw, encoding="utf-8") as lines:
+    for number, line in enumerate(lines, 1):
+      if not line.strip():
+        continue
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{number}: not a JSON line ({e})") from e
+      if text_field not in row:
+        raise ConfigError("text_field", f"{path}:{number} has no field {text_field!r}")
+      yield row[text_field]
+
+
+def _read_parquet(path: pathlib.Path, text_field: str) -> Iterator[str]:
+  import pyarrow.parquet as pq
+
+  parquet = pq.ParquetFile(path)
+  if text_field not in parquet.schema_arrow.names:
+    raise ConfigError("text_field", f"{path} has no column {text_field!r}")
+  for batch in parquet.iter_batches(columns=[text_field]):
+    for text in batch.column(0).to_pylist():
+      if text is not None:
+        yield text
