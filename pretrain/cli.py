@@ -4,6 +4,9 @@
   pretrain convert --from-hf HF_DIR --to-orbax CKPT_DIR
   pretrain convert --from-orbax CKPT_DIR --to-hf HF_DIR [--dtype=bfloat16]
   pretrain parity [--workdir=DIR]
+  pretrain prepare [--config=FILE[:ARG]] [--workers=N] [--overwrite-mismatch]
+  pretrain prepare --input PATH [--input PATH ...] --domain code --tokenizer TOK --out DIR
+  pretrain tokenizer train [--config=FILE[:ARG]] [--input PATH ...] --out DIR --vocab-size N
 
 Each subcommand takes its own flags; `--config` and `--config.*` go to ml-collections.
 Errors in input (a config key, a file, a tensor) print one clear line and exit 2.
@@ -12,6 +15,7 @@ Errors in input (a config key, a file, a tensor) print one clear line and exit 2
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections.abc import Callable, Sequence
@@ -83,6 +87,62 @@ def cmd_parity(args: argparse.Namespace, config_flags: list[str]) -> None:
   parity.main(args.workdir)
 
 
+def cmd_prepare(args: argparse.Namespace, config_flags: list[str]) -> None:
+  from pretrain import config as config_lib
+  from pretrain import schema
+  from pretrain.data import workspace
+  from pretrain.data.config import DataConfig
+
+  if args.input:  # an ad-hoc single-component preparation, no config file
+    if config_flags:
+      raise ConfigError("prepare", "give either --config or --input/--domain/--tokenizer/--out, not both")
+    missing = [flag for flag, value in (("--domain", args.domain), ("--tokenizer", args.tokenizer),
+                                        ("--out", args.out)) if not value]
+    if missing:
+      raise ConfigError("prepare", f"--input needs {', '.join(missing)}")
+    from pretrain.data import mixture as mixture_lib
+    from pretrain.data import prepare
+    from pretrain.data.tokenizer import load_tokenizer
+
+    component = {"name": args.domain, "domain": args.domain, "weight": 1.0, "inputs": list(args.input),
+                 "text_field": args.text_field, "language": args.language}
+    mixture = schema.parse(mixture_lib.Mixture, {"name": "adhoc", "components": [component], "root": "."},
+                           "prepare --input")
+    data = schema.parse(DataConfig, {"mixture": "", "prepared_dir": args.out, "tokenizer": args.tokenizer},
+                        "prepare")
+    tokenizer = load_tokenizer(args.tokenizer, data.special_tokens, key="--tokenizer")
+    config = data.prepare if args.workers is None else dataclasses.replace(data.prepare, workers=args.workers)
+    manifest = prepare.prepare(mixture, args.out, tokenizer, config=config, tokenizer_path=str(tokenizer.path),
+                               overwrite_mismatch=args.overwrite_mismatch, log=print)
+  else:
+    _, experiment = config_lib.load(config_flags)
+    if experiment.data is None:
+      raise ConfigError("config.data", "this config has no data section to prepare")
+    _, _, manifest = workspace.ensure_prepared(experiment.data, workers=args.workers,
+                                               overwrite_mismatch=args.overwrite_mismatch)
+  for name, component in manifest["components"].items():
+    print(f"{name:<10} {component['documents_written']:>9,} documents  {component['tokens_written']:>13,} tokens")
+
+
+def cmd_tokenizer(args: argparse.Namespace, config_flags: list[str]) -> None:
+  from pretrain import config as config_lib
+  from pretrain.data import mixture as mixture_lib
+  from pretrain.data import workspace
+  from pretrain.data.config import SpecialTokens
+  from pretrain.data.tokenizer_train import iter_texts_from_paths, train_sentencepiece
+
+  if args.input:
+    texts, special_tokens = iter_texts_from_paths(args.input, args.text_field), SpecialTokens()
+  else:
+    _, experiment = config_lib.load(config_flags)
+    if experiment.data is None:
+      raise ConfigError("config.data", "this config has no data section; give --input paths instead")
+    texts = workspace.mixture_texts(mixture_lib.load(experiment.data.mixture))
+    special_tokens = experiment.data.special_tokens
+  path = train_sentencepiece(texts, args.out, vocab_size=args.vocab_size, special_tokens=special_tokens)
+  print(f"wrote {path}")
+
+
 def _parser() -> tuple[argparse.ArgumentParser, dict[str, Callable]]:
   parser = argparse.ArgumentParser(prog="pretrain", description=__doc__.split("\n")[0])
   sub = parser.add_subparsers(dest="command", required=True)
@@ -97,7 +157,27 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, Callable]]:
                  help="dtype of the written safetensors (default float32)")
   p = sub.add_parser("parity", help="demo: tiny transformers models -> ours -> transformers, logits compared")
   p.add_argument("--workdir", default=None, help="where to keep the checkpoints (default: a temp dir)")
-  return parser, {"describe": cmd_describe, "convert": cmd_convert, "parity": cmd_parity}
+  p = sub.add_parser("prepare", help="filter, dedup and tokenize a mixture's raw inputs into shards")
+  p.add_argument("--workers", type=int, default=None, help="worker processes (default: the config's; 0 = all cores)")
+  p.add_argument("--overwrite-mismatch", action="store_true",
+                 help="replace a preparation of other inputs/tokenizer/config in the output directory")
+  p.add_argument("--input", action="append", default=[], metavar="PATH",
+                 help="an input (directory, .jsonl[.gz], .parquet, glob) for an ad-hoc preparation")
+  p.add_argument("--domain", choices=["code", "math", "text"], help="the domain of the --input documents")
+  p.add_argument("--tokenizer", metavar="PATH", help="tokenizer.model / tokenizer.json, for --input")
+  p.add_argument("--out", metavar="DIR", help="output directory, for --input")
+  p.add_argument("--text-field", default="text", help="JSONL key / Parquet column of the text (default: text)")
+  p.add_argument("--language", default="", help="language of JSONL/Parquet documents")
+  p = sub.add_parser("tokenizer", help="tokenizer tools")
+  tokenizer_sub = p.add_subparsers(dest="tokenizer_command", required=True)
+  t = tokenizer_sub.add_parser("train", help="train a byte-exact sentencepiece BPE model with BOS/EOS/PAD and FIM "
+                               "sentinels, on a config's mixture or on --input paths")
+  t.add_argument("--input", action="append", default=[], metavar="PATH")
+  t.add_argument("--text-field", default="text")
+  t.add_argument("--out", required=True, metavar="DIR")
+  t.add_argument("--vocab-size", type=int, required=True)
+  return parser, {"describe": cmd_describe, "convert": cmd_convert, "parity": cmd_parity, "prepare": cmd_prepare,
+                  "tokenizer": cmd_tokenizer}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

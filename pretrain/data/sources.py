@@ -1,0 +1,210 @@
+"""A component's raw inputs as documents: source trees, JSONL (.jsonl, .jsonl.gz) and Parquet files.
+
+`plan_units` turns a component's `inputs` into an ordered list of `Unit`s, one file each:
+inputs in the order listed, and within a directory or a glob the files in sorted path order,
+so the document order (and with it which duplicate is kept) never depends on the file system.
+`read_unit` yields a unit's documents. A unit is the grain of parallel work, so a corpus
+that is one huge JSONL file prepares on one core: split it into parts to use them all.
+
+Source files get their language from the extension or the file name; files of unknown type
+are skipped, and binary or non-UTF-8 ones too, and both are counted. A JSONL row's language
+is the component's `language`, else the row's `language` field, else "unknown".
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import glob
+import gzip
+import json
+import os
+import pathlib
+import zlib
+from collections.abc import Iterator
+
+from pretrain.data.mixture import Mixture
+from pretrain.schema import ConfigError
+
+LANGUAGE_BY_EXTENSION = {
+    ".py": "python", ".pyi": "python", ".pyx": "cython", ".pxd": "cython",
+    ".c": "c", ".h": "c", ".cpp": "cpp", ".cc": "cpp", ".cxx": "cpp", ".hpp": "cpp", ".hh": "cpp", ".hxx": "cpp",
+    ".cu": "cuda", ".cuh": "cuda", ".m": "objective-c", ".mm": "objective-cpp",
+    ".js": "javascript", ".mjs": "javascript", ".cjs": "javascript", ".jsx": "javascript",
+    ".ts": "typescript", ".tsx": "typescript", ".java": "java", ".kt": "kotlin", ".scala": "scala",
+    ".go": "go", ".rs": "rust", ".rb": "ruby", ".php": "php", ".cs": "csharp", ".swift": "swift",
+    ".lua": "lua", ".pl": "perl", ".pm": "perl", ".r": "r", ".R": "r", ".jl": "julia", ".hs": "haskell",
+    ".ml": "ocaml", ".ex": "elixir", ".erl": "erlang", ".clj": "clojure", ".dart": "dart", ".f90": "fortran",
+    ".sh": "shell", ".bash": "shell", ".zsh": "shell", ".ps1": "powershell", ".bat": "batchfile",
+    ".html": "html", ".htm": "html", ".css": "css", ".scss": "scss", ".vue": "vue",
+    ".json": "json", ".yaml": "yaml", ".yml": "yaml", ".toml": "toml", ".ini": "ini", ".cfg": "ini",
+    ".xml": "xml", ".xsl": "xslt", ".xslt": "xslt", ".svg": "xml",
+    ".md": "markdown", ".rst": "restructuredtext", ".txt": "text", ".tex": "tex",
+    ".sql": "sql", ".proto": "protobuf", ".cmake": "cmake", ".asm": "assembly", ".s": "assembly",
+}
+LANGUAGE_BY_NAME = {
+    "Makefile": "make", "makefile": "make", "GNUmakefile": "make", "Dockerfile": "dockerfile",
+    "CMakeLists.txt": "cmake", "Rakefile": "ruby", "Gemfile": "ruby", "BUILD": "starlark",
+    "BUILD.bazel": "starlark", "WORKSPACE": "starlark",
+}
+SKIPPED_DIRS = {"__pycache__"}  # and every hidden directory (.git, .venv, ...)
+
+
+class CorruptInputError(ConfigError):
+  """An input file or row that does not read; the key names the file and line (or row).
+
+  A ConfigError, so the CLI reports it as one line: the fix is in the inputs a config points at.
+  """
+
+  def __reduce__(self):  # raised in a worker process, pickled to the parent: rebuild from (key, message)
+    return (type(self), (self.key, str(self).removeprefix(f"{self.key}: ")))
+
+
+@dataclasses.dataclass(frozen=True)
+class Unit:
+  """One input file: a source file, a JSONL file or a Parquet file."""
+
+  kind: str  # source | jsonl | parquet
+  path: str
+  language: str  # a source file's language; the component's language for JSONL / Parquet ("" if none)
+  text_field: str = "text"
+
+
+@dataclasses.dataclass(frozen=True)
+class RawDocument:
+  text: str
+  language: str
+  source: str  # path, path:line (JSONL, 1-based) or path#row (Parquet, 0-based)
+
+
+def language_of(path: str) -> str | None:
+  name = os.path.basename(path)
+  return LANGUAGE_BY_NAME.get(name) or LANGUAGE_BY_EXTENSION.get(os.path.splitext(name)[1])
+
+
+def _kind_of(path: str) -> str | None:
+  if path.endswith((".jsonl", ".jsonl.gz")):
+    return "jsonl"
+  if path.endswith(".parquet"):
+    return "parquet"
+  return "source" if language_of(path) else None
+
+
+def _walk(directory: str) -> Iterator[str]:
+  for root, dirs, files in os.walk(directory):
+    dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d not in SKIPPED_DIRS)
+    for name in sorted(files):
+      yield os.path.join(root, name)
+
+
+def plan_units(mixture: Mixture, index: int) -> tuple[list[Unit], collections.Counter]:
+  """The units of component `index`, and counts of files skipped for an unknown type."""
+  component = mixture.components[index]
+  key = f"mixture {mixture.name}.components[{index}].inputs"
+  if not component.inputs:
+    raise ConfigError(key, f"component {component.name!r} has no inputs to prepare")
+  units, skipped = [], collections.Counter()
+  for given, path in zip(component.inputs, mixture.input_paths(component)):
+    if glob.has_magic(str(path)):
+      matches = sorted(glob.glob(str(path), recursive=True))
+      if not matches:
+        raise ConfigError(key, f"{given!r} ({path}) matches no file")
+    elif path.exists():
+      matches = [str(path)]
+    else:
+      raise ConfigError(key, f"{given!r}: {path} does not exist")
+    for match in matches:
+      if os.path.isdir(match):
+        for file in _walk(match):
+          kind = _kind_of(file)
+          if kind == "source":
+            units.append(Unit("source", file, language_of(file)))
+          else:  # data files inside a source tree are not read as data: list them as inputs
+            skipped["unknown_type_files"] += 1
+        continue
+      kind = _kind_of(match)
+      if kind is None:
+        raise ConfigError(key, f"{match} is not a directory, .jsonl, .jsonl.gz, .parquet or known source file")
+      units.append(Unit(kind, match, language_of(match) if kind == "source" else component.language,
+                        component.text_field))
+  return units, skipped
+
+
+def read_unit(unit: Unit, skipped: collections.Counter, *, skip_corrupt: bool) -> Iterator[RawDocument]:
+  """The documents of one unit in file order; counts what it skips in `skipped`."""
+  if unit.kind == "source":
+    yield from _read_source(unit, skipped)
+  elif unit.kind == "jsonl":
+    yield from _read_jsonl(unit, skipped, skip_corrupt)
+  else:
+    yield from _read_parquet(unit, skipped, skip_corrupt)
+
+
+def _read_source(unit: Unit, skipped: collections.Counter) -> Iterator[RawDocument]:
+  data = pathlib.Path(unit.path).read_bytes()
+  if b"\0" in data[:8192]:
+    skipped["binary_files"] += 1
+    return
+  try:
+    text = data.decode("utf-8")
+  except UnicodeDecodeError:
+    skipped["undecodable_files"] += 1
+    return
+  yield RawDocument(text.removeprefix("\ufeff"), unit.language, unit.path)
+
+
+def _corrupt(where: str, message: str, skip_corrupt: bool, skipped: collections.Counter, what: str) -> None:
+  if not skip_corrupt:
+    raise CorruptInputError(where, f"{message} (set skip_corrupt_records to count and skip it)")
+  skipped[what] += 1
+
+
+def _read_jsonl(unit: Unit, skipped: collections.Counter, skip_corrupt: bool) -> Iterator[RawDocument]:
+  opener = gzip.open if unit.path.endswith(".gz") else open
+  line_number = 0
+  try:
+    with opener(unit.path, "rb") as f:
+      for line_number, line in enumerate(f, 1):
+        if not line.strip():
+          continue
+        try:
+          row = json.loads(line)
+          text = row[unit.text_field]
+          if not isinstance(text, str):
+            raise TypeError(f"field {unit.text_field!r} is {type(text).__name__}, not a string")
+          text.encode("utf-8")  # a lone surrogate from a "\ud800" escape would break the tokenizer
+        except (ValueError, KeyError, TypeError) as e:
+          reason = f"no field {e}" if isinstance(e, KeyError) else str(e)
+          _corrupt(f"{unit.path}:{line_number}", f"corrupt JSONL line: {reason}", skip_corrupt, skipped,
+                   "corrupt_records")
+          continue
+        language = unit.language or str(row.get("language") or "unknown")
+        yield RawDocument(text, language, f"{unit.path}:{line_number}")
+  except (OSError, EOFError, zlib.error) as e:  # unreadable, or a truncated or damaged .gz
+    _corrupt(f"{unit.path}:{line_number + 1}", f"unreadable: {e}", skip_corrupt, skipped, "corrupt_files")
+
+
+def _read_parquet(unit: Unit, skipped: collections.Counter, skip_corrupt: bool) -> Iterator[RawDocument]:
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+
+  row = 0
+  try:
+    parquet = pq.ParquetFile(unit.path)
+    names = parquet.schema_arrow.names
+    if unit.text_field not in names:
+      raise CorruptInputError(unit.path, f"no column {unit.text_field!r}; columns: {', '.join(names)}")
+    with_language = not unit.language and "language" in names
+    columns = [unit.text_field] + (["language"] if with_language else [])
+    for batch in parquet.iter_batches(batch_size=1024, columns=columns):
+      texts = batch.column(0).to_pylist()
+      languages = batch.column(1).to_pylist() if with_language else [None] * len(texts)
+      for text, language in zip(texts, languages):
+        if isinstance(text, str):
+          yield RawDocument(text, unit.language or str(language or "unknown"), f"{unit.path}#{row}")
+        else:
+          _corrupt(f"{unit.path}#{row}", f"column {unit.text_field!r} is {text!r}, not a string", skip_corrupt,
+                   skipped, "corrupt_records")
+        row += 1
+  except (OSError, pa.ArrowException) as e:
+    _corrupt(f"{unit.path}#{row}", f"unreadable Parquet: {e}", skip_corrupt, skipped, "corrupt_files")
