@@ -104,16 +104,21 @@ def load(flag_args: Sequence[str], default: Path | None = DEFAULT_CONFIG) -> tup
 
 def load_file(spec: str) -> ml_collections.ConfigDict:
   """Runs `get_config(arg)` of the Python file in `FILE[:ARG]`."""
-  path, _, arg = spec.partition(":")
+  cfg = call_file_function(spec, "get_config", "--config")
+  return cfg if isinstance(cfg, ml_collections.ConfigDict) else ml_collections.ConfigDict(cfg)
+
+
+def call_file_function(spec: str, function: str, key: str) -> Any:
+  """`function(arg)` of the Python file in `FILE[:ARG]` (config and mixture files work this way)."""
+  path, _, arg = str(spec).partition(":")
   if not Path(path).is_file():
-    raise ConfigError("--config", f"config file {path} does not exist")
-  module_spec = importlib.util.spec_from_file_location(f"pretrain_config_{Path(path).stem}", path)
+    raise ConfigError(key, f"file {path} does not exist")
+  module_spec = importlib.util.spec_from_file_location(f"pretrain_{function}_{Path(path).stem}", path)
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
-  if not hasattr(module, "get_config"):
-    raise ConfigError("--config", f"{path} defines no get_config(arg=None)")
-  cfg = module.get_config(arg or None)
-  return cfg if isinstance(cfg, ml_collections.ConfigDict) else ml_collections.ConfigDict(cfg)
+  if not hasattr(module, function):
+    raise ConfigError(key, f"{path} defines no {function}(arg=None)")
+  return getattr(module, function)(arg or None)
 
 
 def override(cfg: ml_collections.ConfigDict, path: Sequence[str], text: str) -> None:

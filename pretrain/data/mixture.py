@@ -10,7 +10,6 @@ stage may override.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import math
 import pathlib
 from collections.abc import Mapping
@@ -96,16 +95,10 @@ class Mixture:
 
 def load(spec: str) -> Mixture:
   """Runs `get_mixture(arg)` of the Python file in `FILE[:ARG]` and checks it against the schema."""
-  path, _, arg = str(spec).partition(":")
-  file = pathlib.Path(path)
-  if not file.is_file():
-    raise ConfigError("mixture", f"mixture file {path} does not exist")
-  module_spec = importlib.util.spec_from_file_location(f"pretrain_mixture_{file.stem}", file)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  if not hasattr(module, "get_mixture"):
-    raise ConfigError("mixture", f"{path} defines no get_mixture(arg=None)")
-  values = module.get_mixture(arg or None)
+  from pretrain.config import call_file_function
+
+  values = call_file_function(spec, "get_mixture", "mixture")
   values = values.to_dict() if hasattr(values, "to_dict") else dict(values)
+  file = pathlib.Path(str(spec).partition(":")[0])
   values.setdefault("root", str(file.resolve().parent))
   return schema.parse(Mixture, values, f"mixture {file.name}")
