@@ -1,8 +1,9 @@
 """The built-in default: a tiny DeepSeek-V2-style MoE (MLA, shared + routed experts, YaRN) on the
 built-in corpus (60/10/30 code/math/text from files every Python install has), for CPU runs.
 
+  pretrain train                  # this config; prepares its data on first use
   pretrain describe
-  pretrain prepare                # trains the tokenizer, then prepares the corpus, on first use
+  pretrain prepare                # trains the tokenizer, then prepares the corpus
   pretrain describe --config=configs/default.py:family=qwen2
   pretrain describe --config=configs/default.py --config.model.num_hidden_layers=2
 """
@@ -14,6 +15,7 @@ import ml_collections
 
 from pretrain.config import as_config_dict, model_config_dict, parse_arg
 from pretrain.data.config import DataConfig
+from pretrain.train.config import OptimizerConfig, TrainConfig
 
 TINY_PRESETS = {"deepseek_v2": "tiny-deepseek-v2", "qwen2": "tiny-qwen2"}
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -33,6 +35,13 @@ def get_config(arg=None):
       train_tokenizer_vocab_size=vocab,
       seq_len=256,
       global_batch_size=8,
+  ))
+  config.train = as_config_dict(TrainConfig(
+      workdir="runs/default",
+      steps=300,
+      optimizer=OptimizerConfig(peak_learning_rate=3e-3, warmup_steps=30),  # tiny model: short warmup, high lr
+      log_every=10,
+      checkpoint_every=100,
   ))
   config.seed = 0
   return config

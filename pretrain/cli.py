@@ -1,5 +1,6 @@
 """`pretrain`: the command line.
 
+  pretrain train [--config=FILE[:ARG]] [--config.a.b=V ...]
   pretrain describe [--config=FILE[:ARG]] [--config.a.b=V ...] [--json]
   pretrain convert --from-hf HF_DIR --to-orbax CKPT_DIR
   pretrain convert --from-orbax CKPT_DIR --to-hf HF_DIR [--dtype=bfloat16]
@@ -37,6 +38,14 @@ def _split_config_flags(argv: Sequence[str]) -> tuple[list[str], list[str]]:
     else:
       rest.append(arg)
   return config_flags, rest
+
+
+def cmd_train(args: argparse.Namespace, config_flags: list[str]) -> None:
+  from pretrain import config as config_lib
+  from pretrain.train import trainer
+
+  _, experiment = config_lib.load(config_flags)
+  trainer.train(experiment)
 
 
 def cmd_describe(args: argparse.Namespace, config_flags: list[str]) -> None:
@@ -146,6 +155,8 @@ def cmd_tokenizer(args: argparse.Namespace, config_flags: list[str]) -> None:
 def _parser() -> tuple[argparse.ArgumentParser, dict[str, Callable]]:
   parser = argparse.ArgumentParser(prog="pretrain", description=__doc__.split("\n")[0])
   sub = parser.add_subparsers(dest="command", required=True)
+  sub.add_parser("train", help="continued pretraining: the config's model on its data (default: the built-in "
+                 "tiny DeepSeek-V2-style model on the built-in corpus)")
   p = sub.add_parser("describe", help="print total and active parameter counts of a config's model")
   p.add_argument("--json", action="store_true", help="print JSON instead of a table")
   p = sub.add_parser("convert", help="convert between Hugging Face and Orbax checkpoints")
@@ -176,7 +187,7 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, Callable]]:
   t.add_argument("--text-field", default="text")
   t.add_argument("--out", required=True, metavar="DIR")
   t.add_argument("--vocab-size", type=int, required=True)
-  return parser, {"describe": cmd_describe, "convert": cmd_convert, "parity": cmd_parity, "prepare": cmd_prepare,
+  return parser, {"train": cmd_train, "describe": cmd_describe, "convert": cmd_convert, "parity": cmd_parity, "prepare": cmd_prepare,
                   "tokenizer": cmd_tokenizer}
 
 

@@ -23,6 +23,7 @@ from ml_collections import config_dict
 from pretrain import schema
 from pretrain.data.config import DataConfig
 from pretrain.models import presets
+from pretrain.train.config import TrainConfig
 from pretrain.models.config import ModelConfig
 from pretrain.schema import ConfigError
 
@@ -34,6 +35,7 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.p
 class ExperimentConfig:
   model: ModelConfig
   data: DataConfig | None = None  # what `pretrain prepare` builds and training reads
+  train: TrainConfig | None = None  # what `pretrain train` runs
   seed: int = 0
 
 

@@ -111,6 +111,10 @@ def parse_value(tp: Any, value: Any, key: str) -> Any:
   if origin in (tuple, list):
     if not isinstance(value, (list, tuple)):
       raise ConfigError(key, f"expected a list, got {value!r}")
+    if origin is tuple and args and args[-1] is not Ellipsis:  # tuple[A, B]: one type per position
+      if len(value) != len(args):
+        raise ConfigError(key, f"expected {len(args)} items, got {value!r}")
+      return tuple(parse_value(t, v, f"{key}[{i}]") for i, (t, v) in enumerate(zip(args, value)))
     (item,) = args[:1] or (Any,)
     return tuple(parse_value(item, v, f"{key}[{i}]") for i, v in enumerate(value))
   if dataclasses.is_dataclass(tp):

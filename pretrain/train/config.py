@@ -1,0 +1,84 @@
+"""Typed settings of a training run: optimizer and schedule, mesh and sharding, loop, checkpoints."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+from pretrain.schema import ConfigError
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class OptimizerConfig:
+  """AdamW with the DeepSeek-Coder-V2 recipe's betas, decay and schedule."""
+
+  peak_learning_rate: float = 3e-4
+  warmup_steps: int = 2000  # linear from 0 to peak
+  end_learning_rate_fraction: float = 0.1  # cosine decay to this fraction of peak at the last step
+  b1: float = 0.9
+  b2: float = 0.95
+  eps: float = 1e-8
+  weight_decay: float = 0.1
+  # Parameters whose '/'-joined path matches any of these regexes get no weight decay.
+  no_weight_decay: tuple[str, ...] = (r".*norm.*/scale$", r".*_bias$", r".*/bias$")
+  clip_global_norm: float = 1.0
+
+  def validate(self, key: str) -> None:
+    if self.peak_learning_rate <= 0:
+      raise ConfigError(f"{key}.peak_learning_rate", f"must be positive, got {self.peak_learning_rate}")
+    if self.warmup_steps < 0:
+      raise ConfigError(f"{key}.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+    if not 0.0 <= self.end_learning_rate_fraction <= 1.0:
+      raise ConfigError(f"{key}.end_learning_rate_fraction", f"must be within [0, 1], got "
+                        f"{self.end_learning_rate_fraction}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MeshConfig:
+  """Device mesh axis sizes; -1 takes the devices left over (at most one axis may say -1)."""
+
+  data: int = -1
+  fsdp: int = 1
+  tensor: int = 1
+  expert: int = 1
+
+
+# Logical parameter/activation axis -> mesh axes. One table: changing the parallelism plan is a config change.
+DEFAULT_AXIS_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("batch", ("data", "fsdp", "expert")),
+    ("vocab", ("tensor",)),
+    ("embed", ("fsdp",)),
+    ("heads", ("tensor",)),
+    ("kv_heads", ("tensor",)),
+    ("head_dim", ()),
+    ("mlp", ("tensor",)),
+    ("expert", ("expert",)),
+    ("q_lora", ()),
+    ("kv_lora", ()),
+    ("norm", ()),
+)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+  workdir: str = "runs/default"
+  steps: int = 100
+  microbatches: int = 1  # gradient accumulation: the global batch is split into this many sequential parts
+  remat: Literal["none", "block", "full"] = "none"
+  loss_chunk: int = 1024  # tokens per chunk of the cross-entropy (logits never exist for the whole sequence)
+  optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
+  mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+  axis_rules: tuple[tuple[str, tuple[str, ...]], ...] = DEFAULT_AXIS_RULES
+  log_every: int = 10
+  checkpoint_every: int = 100
+  keep_last: int = 3
+  keep_every: int = 0  # also keep every checkpoint whose step is a multiple of this (0: none)
+  init_from: str = ""  # a Hugging Face directory or an Orbax checkpoint: parameters only, fresh optimizer
+  grad_spike_factor: float = 10.0  # a gradient norm above this times its running median skips the update
+  max_bad_steps: int = 5  # consecutive skipped updates before the run stops
+
+  def validate(self, key: str) -> None:
+    for name in ("steps", "microbatches", "loss_chunk", "log_every", "checkpoint_every", "keep_last",
+                 "max_bad_steps"):
+      if getattr(self, name) < 1:
+        raise ConfigError(f"{key}.{name}", f"must be >= 1, got {getattr(self, name)}")

@@ -1,0 +1,77 @@
+"""The device mesh, and where each parameter and batch array lives on it.
+
+Models name their parameter axes logically (vocab, embed, heads, mlp, expert, ...);
+`TrainConfig.axis_rules` maps each logical name to mesh axes. A dimension whose size
+the mesh axes do not divide is replicated instead (a tiny vocab over 8 devices, say),
+so one table serves every model size.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from pretrain.schema import ConfigError
+from pretrain.train.config import MeshConfig
+
+MESH_AXES = ("data", "fsdp", "tensor", "expert")
+AxisRules = Sequence[tuple[str, Sequence[str]]]
+
+
+def make_mesh(config: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
+  devices = list(jax.devices() if devices is None else devices)
+  sizes = {axis: getattr(config, axis) for axis in MESH_AXES}
+  free = [axis for axis, size in sizes.items() if size == -1]
+  if len(free) > 1:
+    raise ConfigError(f"config.train.mesh.{free[1]}", f"only one axis may be -1; {', '.join(free)} are")
+  for axis, size in sizes.items():
+    if size == 0 or size < -1:
+      raise ConfigError(f"config.train.mesh.{axis}", f"must be positive or -1, got {size}")
+  fixed = math.prod(size for size in sizes.values() if size != -1)
+  if free:
+    if len(devices) % fixed:
+      raise ConfigError(f"config.train.mesh.{free[0]}", f"the other axes take {fixed} devices, which does not divide "
+                        f"the {len(devices)} available")
+    sizes[free[0]] = len(devices) // fixed
+  if math.prod(sizes.values()) != len(devices):
+    raise ConfigError("config.train.mesh", f"{' x '.join(f'{a}={s}' for a, s in sizes.items())} = "
+                      f"{math.prod(sizes.values())} devices, but {len(devices)} are available")
+  shape = tuple(sizes[axis] for axis in MESH_AXES)
+  return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+
+
+def spec_for(logical_axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules: AxisRules) -> PartitionSpec:
+  """Mesh axes for each dimension; a mesh axis is used once, and only where it divides the dimension."""
+  table = {name: tuple(axes) for name, axes in rules}
+  used: set[str] = set()
+  spec = []
+  for name, size in zip(logical_axes, shape, strict=True):
+    if name is not None and name not in table:
+      raise ConfigError("config.train.axis_rules", f"no rule for logical axis {name!r}; rules exist for "
+                        f"{', '.join(sorted(table))}")
+    axes = [a for a in table.get(name, ()) if a not in used and mesh.shape[a] > 1]
+    while axes and size % math.prod(mesh.shape[a] for a in axes):
+      axes.pop()  # the longest prefix of the rule's axes that divides this dimension
+    used.update(axes)
+    spec.append(tuple(axes) if len(axes) > 1 else (axes[0] if axes else None))
+  return PartitionSpec(*spec)
+
+
+def param_shardings(abstract_params: nnx.State, mesh: Mesh, rules: AxisRules) -> nnx.State:
+  """The parameters' nnx.State with each value replaced by its NamedSharding (from its axis names)."""
+
+  def sharding(variable):
+    axes = variable.get_metadata().get("out_sharding") or (None,) * len(variable.shape)
+    return variable.replace(NamedSharding(mesh, spec_for(axes, variable.shape, mesh, rules)))
+
+  return jax.tree.map(sharding, abstract_params, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def batch_axes(mesh: Mesh, rules: AxisRules) -> tuple[str, ...]:
+  """The mesh axes the batch dimension is split over (the 'batch' rule)."""
+  return tuple(a for a in dict((n, tuple(a)) for n, a in rules).get("batch", ()) if a in mesh.shape)

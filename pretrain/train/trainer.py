@@ -1,0 +1,220 @@
+"""`pretrain train`: continued pretraining, top to bottom.
+
+  mesh -> data (prepared shards, Grain pipeline) -> model, optimizer, shardings ->
+  state: own checkpoint, else `init_from`, else fresh init -> jitted step -> loop
+  (metrics of step N-1 are read after step N is dispatched; checkpoints every N steps,
+  at the end, and on SIGTERM).
+
+Everything that can be wrong with the config (mesh, batch split, tokenizer size,
+init_from, an existing run of another model) is checked before the work directory is
+written to and before any compute.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import signal
+import time
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from pretrain import models, schema
+from pretrain.config import ExperimentConfig
+from pretrain.data import global_batch, pipeline, workspace
+from pretrain.schema import ConfigError
+from pretrain.train import checkpoint, flops, metrics, optimizer, sharding, step
+from pretrain.train.config import TrainConfig
+
+EXPERIMENT_FILE = "experiment.json"
+
+
+class BadStepsError(RuntimeError):
+  """Too many consecutive skipped updates; the last good checkpoint is intact."""
+
+
+def train(experiment: ExperimentConfig, *, log=print) -> dict[str, Any]:
+  """Runs (or resumes) the experiment; returns the last logged metrics."""
+  cfg, data, model_config = experiment.train, experiment.data, experiment.model
+  if cfg is None or data is None:
+    raise ConfigError("config.train" if cfg is None else "config.data", "training needs this section")
+  workdir = pathlib.Path(cfg.workdir).expanduser()
+
+  # 1. Mesh and batch split: checked before anything is written.
+  mesh = sharding.make_mesh(cfg.mesh)
+  batch_axes = sharding.batch_axes(mesh, cfg.axis_rules)
+  batch_ways = int(np.prod([mesh.shape[a] for a in batch_axes]))
+  for ways, what in ((batch_ways * cfg.microbatches, f"{batch_ways} batch shards x {cfg.microbatches} microbatches"),
+                     (jax.process_count(), f"{jax.process_count()} processes")):
+    if data.global_batch_size % ways:
+      raise ConfigError("config.data.global_batch_size", f"{data.global_batch_size} does not split into {what}")
+  _check_workdir(workdir, experiment)
+
+  # 2. Model, optimizer and where every array lives.
+  abstract_model = models.build_abstract(model_config)
+  graphdef, abstract_params = nnx.split(abstract_model)
+  param_shardings = sharding.param_shardings(abstract_params, mesh, cfg.axis_rules)
+  tx = optimizer.make_optimizer(cfg.optimizer, cfg.steps, abstract_params)
+  state_shardings = _state_shardings(tx, abstract_params, param_shardings, mesh)
+  abstract_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                jax.eval_shape(lambda p: step.init_state(p, tx), abstract_params), state_shardings)
+
+  # 3. Data: prepared on first use (the built-in default), then this process's share.
+  mixture, tokenizer, _ = workspace.ensure_prepared(data, log=log)
+  if tokenizer.vocab_size > model_config.vocab_size:
+    raise ConfigError("config.model.vocab_size", f"{model_config.vocab_size} is smaller than the tokenizer's "
+                      f"{tokenizer.vocab_size} tokens ({tokenizer.path})")
+  data_iter = iter(pipeline.build(data, mixture, tokenizer, process_index=jax.process_index(),
+                                  process_count=jax.process_count()))
+
+  # 4. State: own checkpoint, else init_from, else fresh.
+  checkpoints = checkpoint.Checkpoints(workdir, cfg)
+  latest = checkpoints.latest_step()
+  if latest is not None:
+    state, data_state = checkpoints.restore(latest, abstract_state)
+    data_iter.set_state(data_state)
+    log(f"resumed from {checkpoints.directory}/{latest}")
+  elif cfg.init_from:
+    params = checkpoint.load_init_params(cfg.init_from, _with_shardings(abstract_params, param_shardings))
+    state = jax.jit(lambda p: step.init_state(p, tx), out_shardings=state_shardings)(params)
+    log(f"initialised parameters from {cfg.init_from}")
+  else:
+    state = jax.jit(lambda: step.init_state(nnx.state(models.build(model_config, experiment.seed)), tx),
+                    out_shardings=state_shardings)()
+
+  # 5. The step, and the loop.
+  batch_sharding = NamedSharding(mesh, PartitionSpec(batch_axes))
+  train_step = jax.jit(step.make_train_step(graphdef, tx, cfg, len(mixture.components)),
+                       in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, None),
+                       donate_argnums=(0,))
+  return _loop(experiment, state, train_step, data_iter, checkpoints, mesh, batch_axes, mixture, log)
+
+
+def _loop(experiment, state, train_step, data_iter, checkpoints, mesh, batch_axes, mixture, log) -> dict[str, Any]:
+  cfg, data = experiment.train, experiment.data
+  start = int(jax.device_get(state["step"]))
+  tokens_per_step = data.global_batch_size * data.seq_len
+  flops_per_token = flops.flops_per_token(experiment.model, data.seq_len)
+  peak, _ = flops.peak_flops_per_device()
+  names = [c.name for c in mixture.components]
+  writer = metrics.MetricsWriter(cfg.workdir)
+  progress = metrics.Progress(cfg.steps, start_step=start) if jax.process_index() == 0 else None
+  stop = _StopOnSigterm()
+  pending, last, step_start = None, {}, time.perf_counter()
+  try:
+    for number in range(start, cfg.steps):
+      batch = global_batch.to_global(next(data_iter), mesh, batch_axes)
+      state, step_metrics = train_step(state, batch)
+      if pending is not None:  # the previous step's metrics, read while this one runs
+        last = _report(*pending, writer, progress, cfg, names, tokens_per_step, flops_per_token, peak)
+      now = time.perf_counter()
+      pending, step_start = (number + 1, step_metrics, now - step_start), now
+      if (number + 1) % cfg.checkpoint_every == 0 or number + 1 == cfg.steps or stop.requested:
+        checkpoints.save(number + 1, state, data_iter.get_state())
+      if stop.requested:
+        log(f"SIGTERM: saved step {number + 1}; run the same command to continue")
+        break
+    if pending is not None:
+      last = _report(*pending, writer, progress, cfg, names, tokens_per_step, flops_per_token, peak)
+  finally:
+    checkpoints.wait()
+    checkpoints.close()
+    writer.close()
+    if progress is not None:
+      progress.close()
+    stop.restore()
+  log(f"checkpoints in {checkpoints.directory}; metrics in {pathlib.Path(cfg.workdir) / 'metrics.jsonl'} and "
+      f"{pathlib.Path(cfg.workdir) / 'tensorboard'}")
+  return last
+
+
+def _report(number, step_metrics, seconds, writer, progress, cfg: TrainConfig, names, tokens_per_step,
+            flops_per_token, peak) -> dict[str, Any]:
+  host = jax.device_get(step_metrics)
+  tokens_per_second = tokens_per_step / max(seconds, 1e-9)
+  scalars = {
+      "loss": float(host["loss"]), "ce_loss": float(host["ce_loss"]), "balance_loss": float(host["balance_loss"]),
+      "grad_norm": float(host["grad_norm"]), "update_skipped": float(host["update_skipped"]),
+      "learning_rate": float(optimizer.learning_rate(cfg.optimizer, cfg.steps)(number - 1)),
+      "tokens_per_second": tokens_per_second, "step_seconds": seconds,
+      "mfu": flops.mfu(tokens_per_second, flops_per_token, peak, jax.device_count()),
+  }
+  component_tokens = np.asarray(host["component_tokens"])
+  for i, name in enumerate(names):
+    if component_tokens[i] > 0:
+      scalars[f"loss/{name}"] = float(host["component_nll_sum"][i] / component_tokens[i])
+  if "expert_load" in host:
+    load = np.asarray(host["expert_load"])
+    scalars["expert_load/max"], scalars["expert_load/min"] = float(load.max()), float(load.min())
+  bad_steps = int(host["bad_steps"])
+  if number % cfg.log_every == 0 or number == cfg.steps or bad_steps >= cfg.max_bad_steps:
+    writer.write(number, scalars)
+  if bad_steps >= cfg.max_bad_steps:
+    raise BadStepsError(f"step {number}: {bad_steps} consecutive updates skipped (non-finite loss or gradient norm, "
+                        f"or a gradient-norm spike over {cfg.grad_spike_factor}x its running median); stopping. "
+                        "The last good checkpoint is intact.")
+  if progress is not None:
+    progress.update(number, loss=scalars["loss"], tokens_per_second=tokens_per_second)
+  return scalars
+
+
+def _state_shardings(tx, abstract_params, param_shardings, mesh):
+  """Parameters by the axis rules; optimizer leaves that mirror a parameter (Adam's moments) like it;
+  everything else (counts, the guard's history) replicated."""
+  replicated = NamedSharding(mesh, PartitionSpec())
+  by_path = {_key_names(path): (leaf.shape, sharding) for (path, leaf), sharding in zip(
+      jax.tree_util.tree_leaves_with_path(abstract_params), jax.tree.leaves(param_shardings), strict=True)}
+
+  def like_param(path, leaf):
+    names = _key_names(path)
+    for start in range(len(names)):  # the longest path suffix that names a parameter of this shape
+      shape, sharding = by_path.get(names[start:], (None, None))
+      if shape == leaf.shape:
+        return sharding
+    return replicated
+
+  abstract_state = jax.eval_shape(lambda p: step.init_state(p, tx), abstract_params)
+  shardings = jax.tree_util.tree_map_with_path(like_param, abstract_state)
+  return dict(shardings, params=param_shardings)
+
+
+def _key_names(path) -> tuple[str, ...]:
+  return tuple(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
+
+
+def _with_shardings(abstract_params, param_shardings):
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_params,
+                      param_shardings)
+
+
+def _check_workdir(workdir: pathlib.Path, experiment: ExperimentConfig) -> None:
+  """A work directory belongs to one model: resuming it with another is refused before anything runs."""
+  file = workdir / EXPERIMENT_FILE
+  wanted = schema.to_dict(experiment.model)
+  if file.exists():
+    found = json.loads(file.read_text()).get("model", {})
+    differ = sorted(k for k in wanted if found.get(k) != wanted[k] and k not in ("dtype", "moe_implementation"))
+    if differ:
+      raise ConfigError(f"config.model.{differ[0]}", f"{workdir} holds a run of another model ({differ[0]} "
+                        f"{found.get(differ[0])!r} there, {wanted[differ[0]]!r} here); use another workdir")
+    return
+  workdir.mkdir(parents=True, exist_ok=True)
+  file.write_text(json.dumps(schema.to_dict(experiment), indent=2) + "\n")
+
+
+class _StopOnSigterm:
+  """A preemption notice: finish the current step, save, exit 0."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    self.requested = True
+
+  def restore(self) -> None:
+    signal.signal(signal.SIGTERM, self._previous)
