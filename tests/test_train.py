@@ -5,8 +5,8 @@ bad configs before writing anything."""
 from __future__ import annotations
 
 import json
-import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -155,15 +155,27 @@ trainer.train(config_lib.parse_experiment(json.loads(open(sys.argv[1]).read())),
 """
 
 
-def test_eight_devices_match_one_within_1e5(data_dir, tmp_path):
-  trainer.train(experiment(data_dir, tmp_path / "one", steps=3), log=lambda m: None)
-  config = experiment_dict(data_dir, tmp_path / "eight", steps=3,
-                           mesh={"data": 2, "fsdp": 1, "tensor": 2, "expert": 2})
+def _run_on_eight_devices(config: dict, tmp_path: pathlib.Path) -> None:
   file = tmp_path / "eight.json"
   file.write_text(json.dumps(config))
   subprocess.run([sys.executable, "-c", MESH_SCRIPT, str(file)], check=True, capture_output=True)
+
+
+def test_eight_devices_match_one_within_1e5_and_checkpoints_move_between_meshes(data_dir, tmp_path):
+  eight_way = {"data": 2, "fsdp": 1, "tensor": 2, "expert": 2}
+  trainer.train(experiment(data_dir, tmp_path / "one", steps=3), log=lambda m: None)
+  _run_on_eight_devices(experiment_dict(data_dir, tmp_path / "eight", steps=3, mesh=eight_way), tmp_path)
   one, eight = metrics(tmp_path / "one"), metrics(tmp_path / "eight")
   np.testing.assert_allclose([r["loss"] for r in eight], [r["loss"] for r in one], atol=1e-5)
+  # A 1-device checkpoint continues on 8 devices (and the reverse) as it does on 1.
+  shutil.copytree(tmp_path / "one", tmp_path / "one_then_eight")
+  shutil.copytree(tmp_path / "eight", tmp_path / "eight_then_one")
+  trainer.train(experiment(data_dir, tmp_path / "one", steps=5), log=lambda m: None)
+  _run_on_eight_devices(experiment_dict(data_dir, tmp_path / "one_then_eight", steps=5, mesh=eight_way), tmp_path)
+  trainer.train(experiment(data_dir, tmp_path / "eight_then_one", steps=5), log=lambda m: None)
+  expected = [r["loss"] for r in metrics(tmp_path / "one")][-2:]
+  for run in ("one_then_eight", "eight_then_one"):
+    np.testing.assert_allclose([r["loss"] for r in metrics(tmp_path / run)][-2:], expected, atol=1e-5, err_msg=run)
 
 
 def test_gradient_accumulation_gives_the_full_batch_update(data_dir, tmp_path):
@@ -174,6 +186,14 @@ def test_gradient_accumulation_gives_the_full_batch_update(data_dir, tmp_path):
   # not compared: Adam turns a 1e-12 difference in a near-zero gradient into a visible one.)
   for key in ("loss", "ce_loss", "grad_norm", "loss/code", "loss/text"):
     np.testing.assert_allclose([r[key] for r in micro], [r[key] for r in full], rtol=1e-5, err_msg=key)
+
+
+def test_remat_changes_memory_not_results(data_dir, tmp_path):
+  trainer.train(experiment(data_dir, tmp_path / "none", steps=2), log=lambda m: None)
+  trainer.train(experiment(data_dir, tmp_path / "block", steps=2, remat="block"), log=lambda m: None)
+  for key in ("loss", "grad_norm"):
+    np.testing.assert_allclose([r[key] for r in metrics(tmp_path / "block")],
+                               [r[key] for r in metrics(tmp_path / "none")], rtol=1e-5, err_msg=key)
 
 
 def test_bad_updates_are_skipped_then_the_run_stops(data_dir, tmp_path):

@@ -10,12 +10,18 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from pretrain.models import layers
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+# Rematerialisation of each block in the backward pass: what the forward pass keeps.
+REMAT_POLICIES = {
+    "block": jax.checkpoint_policies.nothing_saveable,  # only the block's input; all else recomputed
+    "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,  # also weight matmul outputs
+}
 
 
 class CausalLM(nnx.Module):
@@ -27,6 +33,7 @@ class CausalLM(nnx.Module):
 
   def init_trunk(self, config, block_cls, *, rngs: nnx.Rngs):
     self.config = config
+    self.remat = "none"  # set by the trainer (TrainConfig.remat): "none" or a key of REMAT_POLICIES
     self.dtype = DTYPES[config.dtype]
     std = config.initializer_range
     self.embed_tokens = layers.Embedding(config.vocab_size, config.hidden_size, std, rngs=rngs)
@@ -42,8 +49,9 @@ class CausalLM(nnx.Module):
       positions_BxS = jnp.broadcast_to(jnp.arange(input_ids_BxS.shape[1]), input_ids_BxS.shape)
     x_BxSxD = self.embed_tokens(input_ids_BxS, self.dtype)
     balance_losses, expert_loads = [], []
+    run = _call if self.remat == "none" else nnx.remat(_call, policy=REMAT_POLICIES[self.remat])
     for block in self.layers:
-      x_BxSxD, aux = block(x_BxSxD, positions_BxS, segment_ids_BxS)
+      x_BxSxD, aux = run(block, x_BxSxD, positions_BxS, segment_ids_BxS)
       if aux is not None:
         balance_losses.append(aux["balance_loss"])
         expert_loads.append(aux["expert_load"])
@@ -65,3 +73,7 @@ class CausalLM(nnx.Module):
     x_BxSxD, aux = self.features(input_ids_BxS, positions_BxS, segment_ids_BxS)
     logits_BxSxV = self.logits(x_BxSxD)
     return (logits_BxSxV, aux) if return_aux else logits_BxSxV
+
+
+def _call(block, x_BxSxD, positions_BxS, segment_ids_BxS):
+  return block(x_BxSxD, positions_BxS, segment_ids_BxS)

@@ -64,7 +64,7 @@ class TrainConfig:
   workdir: str = "runs/default"
   steps: int = 100
   microbatches: int = 1  # gradient accumulation: the global batch is split into this many sequential parts
-  remat: Literal["none", "block", "full"] = "none"
+  remat: Literal["none", "block", "dots"] = "none"  # per block: keep nothing / keep weight matmuls (models)
   loss_chunk: int = 1024  # tokens per chunk of the cross-entropy (logits never exist for the whole sequence)
   optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
   mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
