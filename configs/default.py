@@ -39,7 +39,7 @@ def get_config(arg=None):
   config.train = as_config_dict(TrainConfig(
       workdir="runs/default",
       steps=300,
-      optimizer=OptimizerConfig(peak_learning_rate=3e-3, warmup_steps=30),  # tiny model: short warmup, high lr
+      optimizer=OptimizerConfig(peak_learning_rate=1e-3, warmup_steps=50),  # tiny model: short warmup
       log_every=10,
       checkpoint_every=100,
   ))

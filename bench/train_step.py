@@ -1,0 +1,114 @@
+"""Training-step throughput: ours (JAX) against the same model trained with transformers + PyTorch.
+
+  .venv/bin/python bench/train_step.py            # both configs of the trainer issue, CPU
+  .venv/bin/python bench/train_step.py --only moe --steps 5
+
+Same model shape, batch (4 x 512 tokens), AdamW and float32 on both sides, one process.
+Prints tokens/s for each, their ratio, and our MFU against the measured matmul peak.
+Needs the `hf` extras (torch, transformers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from pretrain import models, schema
+from pretrain.models import presets
+from pretrain.train import flops, optimizer, step
+from pretrain.train.config import OptimizerConfig, TrainConfig
+
+BATCH, SEQ = 4, 512
+CONFIGS = {
+    "dense": presets.get("tiny-qwen2", vocab_size=32000, hidden_size=512, intermediate_size=1408,
+                         num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=8,
+                         tie_word_embeddings=False, max_position_embeddings=4096),
+    "moe": presets.get("tiny-deepseek-v2", vocab_size=32000, hidden_size=512, intermediate_size=1408,
+                       moe_intermediate_size=256, num_hidden_layers=4, num_attention_heads=8, kv_lora_rank=128,
+                       qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64, n_routed_experts=16,
+                       num_experts_per_tok=4, n_shared_experts=2, first_k_dense_replace=1,
+                       rope_scaling=presets.RopeScaling(), max_position_embeddings=4096),
+}
+
+
+def batch(vocab: int, seed: int = 0) -> dict[str, np.ndarray]:
+  rng = np.random.default_rng(seed)
+  tokens = rng.integers(0, vocab, (BATCH, SEQ + 1)).astype(np.int32)
+  return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "positions": np.tile(np.arange(SEQ), (BATCH, 1)),
+          "segment_ids": np.ones((BATCH, SEQ), np.int32), "loss_mask": np.ones((BATCH, SEQ), np.float32),
+          "component": np.zeros(BATCH, np.int32)}
+
+
+def ours(config, steps: int) -> float:
+  train = schema.parse(TrainConfig, {"steps": 1000, "loss_chunk": SEQ,
+                                     "optimizer": schema.to_dict(OptimizerConfig(warmup_steps=10))}, "bench")
+  graphdef, params = nnx.split(models.build(config))
+  tx = optimizer.make_optimizer(train.optimizer, train.steps, params)
+  state = step.init_state(params, tx)
+  train_step = jax.jit(step.make_train_step(graphdef, tx, train, 1), donate_argnums=(0,))
+  data = {k: jnp.asarray(v) for k, v in batch(config.vocab_size).items()}
+  state, metrics = train_step(state, data)  # compile
+  jax.block_until_ready(metrics)
+  start = time.perf_counter()
+  for _ in range(steps):
+    state, metrics = train_step(state, data)
+  jax.block_until_ready(metrics)
+  return BATCH * SEQ * steps / (time.perf_counter() - start)
+
+
+def pytorch(config, steps: int) -> float:
+  import torch
+  import transformers
+
+  from pretrain.convert import config_to_hf
+
+  torch.manual_seed(0)
+  hf = config_to_hf(config)
+  cls = transformers.Qwen2Config if config.family == "qwen2" else transformers.DeepseekV2Config
+  hf_config = cls(**{k: v for k, v in hf.items() if k not in ("architectures", "model_type")})
+  hf_config._attn_implementation = "sdpa"
+  model_cls = transformers.Qwen2ForCausalLM if config.family == "qwen2" else transformers.DeepseekV2ForCausalLM
+  model = model_cls(hf_config).float().train()
+  opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
+  data = batch(config.vocab_size)
+  inputs = torch.from_numpy(data["inputs"].astype(np.int64))
+  labels = torch.from_numpy(np.concatenate([data["inputs"][:, :1], data["targets"]], 1).astype(np.int64))[:, :SEQ]
+
+  def one_step():
+    opt.zero_grad(set_to_none=True)
+    loss = model(input_ids=inputs, labels=labels).loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+
+  one_step()  # warm up
+  start = time.perf_counter()
+  for _ in range(steps):
+    one_step()
+  return BATCH * SEQ * steps / (time.perf_counter() - start)
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--only", choices=list(CONFIGS))
+  parser.add_argument("--steps", type=int, default=5)
+  args = parser.parse_args()
+  peak, how = flops.peak_flops_per_device()
+  print(f"device {jax.devices()[0].device_kind}, peak {peak / 1e9:.1f} GFLOP/s ({how}); batch {BATCH} x {SEQ}")
+  for name, config in CONFIGS.items():
+    if args.only and name != args.only:
+      continue
+    jax_tps = ours(config, args.steps)
+    torch_tps = pytorch(config, args.steps)
+    utilisation = flops.mfu(jax_tps, flops.flops_per_token(config, SEQ), peak, 1)
+    print(f"{name:<6} ours {jax_tps:10,.0f} tokens/s   transformers+torch {torch_tps:10,.0f} tokens/s   "
+          f"ratio {jax_tps / torch_tps:5.2f}x   our MFU {utilisation:6.1%}")
+
+
+if __name__ == "__main__":
+  main()
