@@ -224,12 +224,12 @@ def test_init_from_a_hugging_face_directory(data_dir, tmp_path):
     ({"mesh": {"data": 3}}, "config.train.mesh"),
     ({"microbatches": 3}, "config.data.global_batch_size"),
     ({"init_from": "/nonexistent/model"}, "config.train.init_from"),
+    ({"init_from": "/"}, "config.train.init_from"),  # exists, but is no model
 ])
 def test_bad_configs_fail_before_anything_is_written(data_dir, tmp_path, train, words):
   with pytest.raises(ConfigError, match=words.replace(".", r"\.")):
     trainer.train(experiment(data_dir, tmp_path / "run", **train), log=lambda m: None)
-  if "init_from" not in train:
-    assert not (tmp_path / "run").exists()
+  assert not (tmp_path / "run").exists()
 
 
 def test_a_workdir_of_another_model_is_refused(data_dir, tmp_path):

@@ -56,6 +56,12 @@ class Checkpoints:
     self.manager.close()
 
 
+def has_checkpoints(workdir) -> bool:
+  """Whether `workdir` holds a complete checkpoint (Orbax renames a step directory to its number when done)."""
+  directory = pathlib.Path(workdir) / CHECKPOINTS_DIR
+  return directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
+
+
 def load_init_params(path: str, abstract_params: nnx.State) -> nnx.State:
   """Parameters to start from, checked against the run's model; placed on the abstract params' shardings."""
   source = pathlib.Path(path).expanduser()

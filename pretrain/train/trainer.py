@@ -52,7 +52,8 @@ def train(experiment: ExperimentConfig, *, log=print) -> dict[str, Any]:
                      (jax.process_count(), f"{jax.process_count()} processes")):
     if data.global_batch_size % ways:
       raise ConfigError("config.data.global_batch_size", f"{data.global_batch_size} does not split into {what}")
-  _check_workdir(workdir, experiment)
+  if cfg.init_from and not pathlib.Path(cfg.init_from).expanduser().exists():
+    raise ConfigError("config.train.init_from", f"{cfg.init_from} does not exist")
 
   # 2. Model, optimizer and where every array lives.
   abstract_model = models.build_abstract(model_config)
@@ -72,16 +73,19 @@ def train(experiment: ExperimentConfig, *, log=print) -> dict[str, Any]:
   data_iter = iter(pipeline.build(data, mixture, tokenizer, process_index=jax.process_index(),
                                   process_count=jax.process_count()))
 
-  # 4. State: own checkpoint, else init_from, else fresh.
+  # 4. State: own checkpoint, else init_from, else fresh. init_from is read before anything is written.
+  resuming = checkpoint.has_checkpoints(workdir)
+  if not resuming and cfg.init_from:
+    init_params = checkpoint.load_init_params(cfg.init_from, _with_shardings(abstract_params, param_shardings))
+  _check_workdir(workdir, experiment)  # the first write to the work directory
   checkpoints = checkpoint.Checkpoints(workdir, cfg)
-  latest = checkpoints.latest_step()
-  if latest is not None:
+  if resuming:
+    latest = checkpoints.latest_step()
     state, data_state = checkpoints.restore(latest, abstract_state)
     data_iter.set_state(data_state)
     log(f"resumed from {checkpoints.directory}/{latest}")
   elif cfg.init_from:
-    params = checkpoint.load_init_params(cfg.init_from, _with_shardings(abstract_params, param_shardings))
-    state = jax.jit(lambda p: step.init_state(p, tx), out_shardings=state_shardings)(params)
+    state = jax.jit(lambda p: step.init_state(p, tx), out_shardings=state_shardings)(init_params)
     log(f"initialised parameters from {cfg.init_from}")
   else:
     state = jax.jit(lambda: step.init_state(nnx.state(models.build(model_config, experiment.seed)), tx),
