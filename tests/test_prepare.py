@@ -258,8 +258,9 @@ def test_failed_shard_write_leaves_no_shard_name(inputs, tmp_path, monkeypatch):
   monkeypatch.setattr(records, "encode", failing_encode)
   with pytest.raises(OSError, match="disk full"):
     run(inputs, out)
-  assert sorted(p.name for p in (out / "code").iterdir()) == ["selection.npz", "shard-00000-of-00001.array_record",
-                                                              "shard-00000-of-00001.stats.json"]
+  assert sorted(p.name for p in (out / "code").iterdir()) == [
+      "selection.npz", "shard-00000-of-00001.array_record", "shard-00000-of-00001.array_record.lengths.npy",
+      "shard-00000-of-00001.stats.json"]
   assert sorted(p.name for p in (out / "text").iterdir()) == ["selection.npz"]  # no temp file, no shard
   monkeypatch.setattr(records, "encode", encode)
   assert run(inputs, out)["documents_written"] == 10
@@ -316,8 +317,9 @@ def test_rerun_with_other_inputs_or_config_refused(inputs, tmp_path):
   manifest = prepare.prepare(make_mixture(inputs), out, ByteTokenizer(), config=Prepare(docs_per_shard=3),
                              tokenizer_path="bytes", overwrite_mismatch=True)
   assert manifest["components"]["text"]["documents_written"] == 3
-  assert sorted(p.name for p in (out / "text").glob("shard-*")) == ["shard-00000-of-00001.array_record",
-                                                                    "shard-00000-of-00001.stats.json"]
+  assert sorted(p.name for p in (out / "text").glob("shard-*")) == [
+      "shard-00000-of-00001.array_record", "shard-00000-of-00001.array_record.lengths.npy",
+      "shard-00000-of-00001.stats.json"]
 
 
 def test_lossy_tokenizer(tmp_path):

@@ -299,7 +299,8 @@ def _file_digest(path) -> str | None:
 
 def _prepared_files(directory: pathlib.Path) -> list[pathlib.Path]:
   """What prepare writes in a component's directory; nothing else there is ever deleted."""
-  patterns = (f"shard-*{records.SHARD_SUFFIX}", "shard-*.stats.json", SELECTION, ".*.tmp-*")
+  patterns = (f"shard-*{records.SHARD_SUFFIX}", f"shard-*{records.SHARD_SUFFIX}.lengths.npy", "shard-*.stats.json",
+              SELECTION, ".*.tmp-*")
   return [p for pattern in patterns for p in directory.glob(pattern)] if directory.is_dir() else []
 
 

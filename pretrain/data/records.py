@@ -64,20 +64,33 @@ def write_shard(path: pathlib.Path, docs) -> int:
 
   path = pathlib.Path(path)
   tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-  count = 0
+  lengths = []
   try:
     writer = ArrayRecordWriter(str(tmp), "group_size:1")  # random access to every record
     try:
       for doc in docs:
         writer.write(encode(doc))
-        count += 1
+        lengths.append(len(doc.tokens))
     finally:
       writer.close()
     os.replace(tmp, path)
   except BaseException:
     tmp.unlink(missing_ok=True)
     raise
-  return count
+  _save_lengths(path, np.asarray(lengths, np.int64))  # so the pipeline never has to scan the shard
+  return len(lengths)
+
+
+def _lengths_path(path: pathlib.Path) -> pathlib.Path:
+  return path.parent / (path.name + ".lengths.npy")
+
+
+def _save_lengths(path: pathlib.Path, lengths: np.ndarray) -> None:
+  sidecar = _lengths_path(path)
+  tmp = sidecar.parent / f".{sidecar.name}.tmp-{os.getpid()}"
+  with open(tmp, "wb") as f:
+    np.save(f, lengths)
+  os.replace(tmp, sidecar)
 
 
 def read_shard(path: pathlib.Path):
@@ -100,7 +113,7 @@ def document_lengths(path: pathlib.Path) -> np.ndarray:
   from array_record.python.array_record_module import ArrayRecordReader
 
   path = pathlib.Path(path)
-  sidecar = path.parent / (path.name + ".lengths.npy")
+  sidecar = _lengths_path(path)
   if sidecar.exists() and sidecar.stat().st_mtime >= path.stat().st_mtime:
     return np.load(sidecar)
   try:
@@ -118,8 +131,5 @@ def document_lengths(path: pathlib.Path) -> np.ndarray:
     raise
   except Exception as e:  # not an ArrayRecord file at all, or a truncated one
     raise CorruptRecordError(f"{path}: cannot read as an ArrayRecord shard ({e})") from e
-  tmp = sidecar.parent / f".{sidecar.name}.tmp-{os.getpid()}"
-  with open(tmp, "wb") as f:
-    np.save(f, lengths)
-  os.replace(tmp, sidecar)
+  _save_lengths(path, lengths)
   return lengths
