@@ -62,11 +62,9 @@ class CausalLM(nnx.Module):
 
   def logits(self, x_BxSxD: jnp.ndarray) -> jnp.ndarray:
     """[B, S, V] float32 logits."""
-    x = x_BxSxD.astype(self.dtype)
     if self.lm_head is None:
-      table = self.embed_tokens.table[...].astype(self.dtype)
-      return jnp.einsum("BSD,VD->BSV", x, table, preferred_element_type=jnp.float32)
-    return jnp.einsum("BSD,DV->BSV", x, self.lm_head[...].astype(self.dtype), preferred_element_type=jnp.float32)
+      return layers.einsum("BSD,VD->BSV", x_BxSxD, self.embed_tokens.table, self.dtype, out_dtype=jnp.float32)
+    return layers.einsum("BSD,DV->BSV", x_BxSxD, self.lm_head, self.dtype, out_dtype=jnp.float32)
 
   def __call__(self, input_ids_BxS: jnp.ndarray, positions_BxS: jnp.ndarray | None = None,
                segment_ids_BxS: jnp.ndarray | None = None, *, return_aux: bool = False):

@@ -18,8 +18,6 @@ micro-batches and gets the full-batch ones exactly:
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -49,9 +47,6 @@ def token_nll(model, h_BxSxD: jax.Array, targets_BxS: jax.Array, loss_mask_BxS: 
   # The parameters enter as an explicit argument so the transforms see (and differentiate) them.
   graphdef, state = nnx.split(model)
 
-  # Recompute the chunk's logits in the backward pass rather than keep them. prevent_cse=False:
-  # under scan there is no common subexpression to guard against (jax.checkpoint docs).
-  @functools.partial(jax.checkpoint, prevent_cse=False)
   def chunk_nll(state, h_BxCxD, targets_BxC, mask_BxC):
     logits_BxCxV = nnx.merge(graphdef, state).logits(h_BxCxD).astype(jnp.float32)
     logz_BxC = jax.nn.logsumexp(logits_BxCxV, axis=-1)
@@ -59,10 +54,18 @@ def token_nll(model, h_BxSxD: jax.Array, targets_BxS: jax.Array, loss_mask_BxS: 
     # where, not only multiply: a masked position's target may be anything (padding), even out of range.
     return jnp.where(mask_BxC > 0, (logz_BxC - target_logit_BxC) * mask_BxC, 0.0).sum(axis=-1)
 
+  if num_chunks == 1:
+    # One chunk: its logits are live in full anyway, so recomputing them in the backward pass
+    # (a third lm_head matmul, the largest in a small model) would buy no memory.
+    return chunk_nll(state, h_BxSxD, targets_BxS, mask_BxS), mask_BxS.sum(axis=-1)
+  remat_nll = jax.checkpoint(chunk_nll, prevent_cse=False)
+
   def step(nll_B, xs):
     h_BxCxD, targets_BxC, mask_BxC = xs
-    return nll_B + chunk_nll(state, h_BxCxD, targets_BxC, mask_BxC), None
+    return nll_B + remat_nll(state, h_BxCxD, targets_BxC, mask_BxC), None
 
+  # Recompute each chunk's logits in the backward pass rather than keep them. prevent_cse=False:
+  # under scan there is no common subexpression to guard against (jax.checkpoint docs).
   nll_B, _ = jax.lax.scan(step, jnp.zeros((batch,), jnp.float32), (h_NxBxCxD, targets_NxBxC, mask_NxBxC))
   return nll_B, mask_BxS.sum(axis=-1)
 
