@@ -196,11 +196,17 @@ def main(argv: Sequence[str] | None = None) -> int:
   config_flags, rest = _split_config_flags(argv)
   parser, commands = _parser()
   args = parser.parse_args(rest)
+  from pretrain.data.records import CorruptRecordError
+  from pretrain.train.trainer import BadStepsError
+
   try:
     commands[args.command](args, config_flags)
-  except (ConfigError, ConversionError, FileNotFoundError, FileExistsError) as e:
+  except (ConfigError, ConversionError, CorruptRecordError, FileNotFoundError, FileExistsError) as e:
     print(f"pretrain {args.command}: error: {e}", file=sys.stderr)
     return 2
+  except BadStepsError as e:  # the run itself went bad, not its input
+    print(f"pretrain {args.command}: stopped: {e}", file=sys.stderr)
+    return 1
   return 0
 
 
