@@ -14,22 +14,9 @@ import argparse
 import time
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from pretrain.models import moe, presets
-
-
-def dense_all_experts(layer: moe.DeepseekMoE, x_BxSxD):
-  x_TxD = x_BxSxD.reshape(-1, x_BxSxD.shape[-1])
-  scores = jax.nn.softmax(x_TxD @ layer.gate[...], axis=-1)
-  weights_TxK, experts_TxK = moe.route(scores, layer.config)
-  combine_TxE = jnp.zeros(scores.shape).at[jnp.arange(len(x_TxD))[:, None], experts_TxK].add(weights_TxK)
-  e = layer.experts
-  h = jax.nn.silu(jnp.einsum("TD,EDF->ETF", x_TxD, e.gate_proj[...])) * jnp.einsum("TD,EDF->ETF", x_TxD,
-                                                                                    e.up_proj[...])
-  y = jnp.einsum("ETD,TE->TD", jnp.einsum("ETF,EFD->ETD", h, e.down_proj[...]), combine_TxE)
-  return y.reshape(x_BxSxD.shape) + layer.shared_experts(x_BxSxD)
 
 
 def timed(fn, *args, repeats: int) -> float:
@@ -65,7 +52,7 @@ def main() -> None:
   print(f"device {jax.devices()[0].device_kind}; tokens {args.tokens}, hidden {args.hidden}, "
         f"{args.experts} experts top-{args.top_k}, expert width {args.moe_intermediate}; forward + backward")
   candidates = {name: lambda m, x, name=name: _with_impl(m, name)(x)[0] for name in args.impls}
-  candidates["dense all-experts"] = dense_all_experts
+  candidates["dense all-experts"] = moe.all_experts_reference
   for name, forward in candidates.items():
     step = jax.jit(jax.value_and_grad(lambda p, x, forward=forward: loss(p, x, forward)))
     seconds = timed(step, params, x, repeats=args.repeats)

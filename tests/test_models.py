@@ -107,21 +107,6 @@ def test_every_parameter_has_logical_axis_names(preset):
       assert set(axes) <= known, (path, axes)
 
 
-def _dense_reference_moe(layer: moe.DeepseekMoE, x_BxSxD):
-  """Every expert on every token, masked by the routing: the definition dropless must equal."""
-  config = layer.config
-  x_TxD = x_BxSxD.reshape(-1, x_BxSxD.shape[-1])
-  scores = jax.nn.softmax(x_TxD @ layer.gate[...], axis=-1)
-  weights_TxK, experts_TxK = moe.route(scores, config)
-  combine_TxE = jnp.zeros(scores.shape).at[jnp.arange(len(x_TxD))[:, None], experts_TxK].add(weights_TxK)
-  e = layer.experts
-  h = jax.nn.silu(jnp.einsum("TD,EDF->ETF", x_TxD, e.gate_proj[...])) * jnp.einsum("TD,EDF->ETF", x_TxD,
-                                                                                    e.up_proj[...])
-  y_ExTxD = jnp.einsum("ETF,EFD->ETD", h, e.down_proj[...])
-  y = jnp.einsum("ETD,TE->TD", y_ExTxD, combine_TxE).reshape(x_BxSxD.shape)
-  return y + layer.shared_experts(x_BxSxD)
-
-
 @pytest.mark.parametrize("implementation", ["blocked", "ragged_dot"])
 @pytest.mark.parametrize("overrides", [
     {},
@@ -133,7 +118,7 @@ def test_dropless_moe_equals_dense_reference(overrides, implementation):
   layer = moe.DeepseekMoE(config, rngs=nnx.Rngs(3))
   x = jax.random.normal(jax.random.key(4), (3, 10, config.hidden_size))
   y, aux = layer(x)
-  np.testing.assert_allclose(y, _dense_reference_moe(layer, x), atol=1e-5)
+  np.testing.assert_allclose(y, moe.all_experts_reference(layer, x), atol=1e-5)
   # Dropless: every token reaches exactly K experts.
   np.testing.assert_allclose(aux["expert_load"].sum(), 1.0, rtol=1e-6)
 
@@ -144,7 +129,7 @@ def test_moe_gradients_match_dense_reference(implementation):
   layer = moe.DeepseekMoE(config, rngs=nnx.Rngs(5))
   x = jax.random.normal(jax.random.key(6), (2, 6, config.hidden_size))
   g_ours = nnx.grad(lambda m: (m(x)[0] ** 2).sum())(layer)
-  g_ref = nnx.grad(lambda m: (_dense_reference_moe(m, x) ** 2).sum())(layer)
+  g_ref = nnx.grad(lambda m: (moe.all_experts_reference(m, x) ** 2).sum())(layer)
   for a, b in zip(jax.tree.leaves(g_ours), jax.tree.leaves(g_ref), strict=True):
     np.testing.assert_allclose(a, b, atol=1e-4)
 

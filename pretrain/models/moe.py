@@ -107,3 +107,18 @@ class DeepseekMoE(nnx.Module):
         "expert_load": jnp.bincount(experts_TxK.reshape(-1), length=num_experts) / experts_TxK.size,
     }
     return y_BxSxD, aux
+
+
+def all_experts_reference(layer: DeepseekMoE, x_BxSxD: jnp.ndarray) -> jnp.ndarray:
+  """Every expert on every token, masked by the routing: the definition the dropless path must
+  equal (tests) and the E/K-times cost it avoids (bench/moe_layer.py). Never used for training."""
+  x_TxD = x_BxSxD.reshape(-1, x_BxSxD.shape[-1])
+  scores_TxE = jax.nn.softmax(x_TxD @ layer.gate[...], axis=-1)
+  weights_TxK, experts_TxK = route(scores_TxE, layer.config)
+  combine_TxE = jnp.zeros(scores_TxE.shape).at[jnp.arange(len(x_TxD))[:, None], experts_TxK].add(weights_TxK)
+  e = layer.experts
+  h_ExTxF = (jax.nn.silu(jnp.einsum("TD,EDF->ETF", x_TxD, e.gate_proj[...]))
+             * jnp.einsum("TD,EDF->ETF", x_TxD, e.up_proj[...]))
+  y_TxD = jnp.einsum("ETD,TE->TD", jnp.einsum("ETF,EFD->ETD", h_ExTxF, e.down_proj[...]), combine_TxE)
+  y_BxSxD = y_TxD.reshape(x_BxSxD.shape)
+  return y_BxSxD if layer.shared_experts is None else y_BxSxD + layer.shared_experts(x_BxSxD)
