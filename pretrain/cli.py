@@ -109,14 +109,12 @@ def cmd_prepare(args: argparse.Namespace, config_flags: list[str]) -> None:
                                         ("--out", args.out)) if not value]
     if missing:
       raise ConfigError("prepare", f"--input needs {', '.join(missing)}")
-    from pretrain.data import mixture as mixture_lib
     from pretrain.data import prepare
+    from pretrain.data.mixture import Mixture
     from pretrain.data.tokenizer import load_tokenizer
 
-    component = {"name": args.domain, "domain": args.domain, "weight": 1.0, "inputs": list(args.input),
-                 "text_field": args.text_field, "language": args.language}
-    mixture = schema.parse(mixture_lib.Mixture, {"name": "adhoc", "components": [component], "root": "."},
-                           "prepare --input")
+    mixture = Mixture.from_inputs(args.input, domain=args.domain, text_field=args.text_field,
+                                  language=args.language)
     data = schema.parse(DataConfig, {"mixture": "", "prepared_dir": args.out, "tokenizer": args.tokenizer},
                         "prepare")
     tokenizer = load_tokenizer(args.tokenizer, data.special_tokens, key="--tokenizer")
@@ -136,7 +134,7 @@ def cmd_prepare(args: argparse.Namespace, config_flags: list[str]) -> None:
 def cmd_tokenizer(args: argparse.Namespace, config_flags: list[str]) -> None:
   from pretrain import config as config_lib
   from pretrain.data import mixture as mixture_lib
-  from pretrain.data import workspace
+  from pretrain.data import sources
   from pretrain.data.config import SpecialTokens
   from pretrain.data.tokenizer_train import iter_texts_from_paths, train_sentencepiece
 
@@ -146,7 +144,7 @@ def cmd_tokenizer(args: argparse.Namespace, config_flags: list[str]) -> None:
     _, experiment = config_lib.load(config_flags)
     if experiment.data is None:
       raise ConfigError("config.data", "this config has no data section; give --input paths instead")
-    texts = workspace.mixture_texts(mixture_lib.load(experiment.data.mixture))
+    texts = sources.mixture_texts(mixture_lib.load(experiment.data.mixture))
     special_tokens = experiment.data.special_tokens
   path = train_sentencepiece(texts, args.out, vocab_size=args.vocab_size, special_tokens=special_tokens)
   print(f"wrote {path}")

@@ -63,6 +63,14 @@ class Mixture:
     if sum(c.weight for c in self.components) <= 0:
       raise ConfigError(f"{key}.components", "all weights are zero; at least one must be positive")
 
+  @classmethod
+  def from_inputs(cls, inputs, *, domain: str, text_field: str = "text", language: str = "",
+                  key: str = "--input") -> Mixture:
+    """A one-component mixture of bare inputs (paths relative to the current directory)."""
+    component = {"name": domain, "domain": domain, "weight": 1.0, "inputs": [str(p) for p in inputs],
+                 "text_field": text_field, "language": language}
+    return schema.parse(cls, {"name": "inputs", "components": [component], "root": "."}, key)
+
   def component(self, name: str) -> Component:
     for c in self.components:
       if c.name == name:

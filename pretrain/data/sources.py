@@ -208,3 +208,13 @@ def _read_parquet(unit: Unit, skipped: collections.Counter, skip_corrupt: bool) 
         row += 1
   except (OSError, pa.ArrowException) as e:
     _corrupt(f"{unit.path}#{row}", f"unreadable Parquet: {e}", skip_corrupt, skipped, "corrupt_files")
+
+
+def mixture_texts(mixture: Mixture) -> Iterator[str]:
+  """Every document's text, as `prepare` reads them (same files, same order); for tokenizer training,
+  which skips a corrupt record rather than stop (prepare reports it)."""
+  for index in range(len(mixture.components)):
+    units, _ = plan_units(mixture, index)
+    for unit in units:
+      for document in read_unit(unit, collections.Counter(), skip_corrupt=True):
+        yield document.text

@@ -8,10 +8,6 @@ normalizer, no dummy prefix, whitespace kept as is. Its special tokens are the
 
 from __future__ import annotations
 
-import glob
-import gzip
-import io
-import json
 import os
 import pathlib
 import shutil
@@ -19,10 +15,8 @@ import tempfile
 from collections.abc import Iterable, Iterator
 
 from pretrain.data.config import SpecialTokens
-from pretrain.schema import ConfigError
 
 MODEL_NAME = "tokenizer.model"
-_BINARY_SNIFF_BYTES = 8192
 
 
 def train_sentencepiece(texts: Iterable[str], out_dir, *, vocab_size: int, special_tokens: SpecialTokens,
@@ -126,71 +120,12 @@ def _cut_line(line: str, max_bytes: int) -> Iterator[str]:
     start = stop
 
 
-def iter_texts_from_paths(paths: Iterable[str | os.PathLike], text_field: str = "text") -> Iterator[str]:
-  """The documents of mixture-style inputs, in a stable order.
+def iter_texts_from_paths(paths: Iterable[str | os.PathLike] | str | os.PathLike,
+                          text_field: str = "text") -> Iterator[str]:
+  """The documents of bare inputs (directories of source files, .jsonl[.gz], .parquet, globs), read
+  exactly as `pretrain prepare --input` reads them (`sources.py`)."""
+  from pretrain.data import sources
+  from pretrain.data.mixture import Mixture
 
-  A directory gives every regular file under it as one document (binary and non-UTF-8
-  files skipped); a `.jsonl`/`.jsonl.gz` file or a `.parquet` file gives `text_field` of
-  each row; any other file is one document. A path may be a glob.
-  """
-  if isinstance(paths, (str, os.PathLike)):
-    paths = [paths]
-  for raw in paths:
-    raw = str(raw)
-    matches = sorted(glob.glob(raw, recursive=True)) if glob.has_magic(raw) else [raw]
-    if not matches:
-      raise ConfigError("inputs", f"the glob {raw!r} matches nothing")
-    for match in matches:
-      path = pathlib.Path(match)
-      if path.is_dir():
-        for file in sorted(p for p in path.rglob("*") if p.is_file()):
-          text = _read_source(file)
-          if text is not None:
-            yield text
-      elif not path.exists():
-        raise ConfigError("inputs", f"no such file or directory: {path}")
-      elif path.name.endswith((".jsonl", ".jsonl.gz")):
-        yield from _read_jsonl(path, text_field)
-      elif path.suffix == ".parquet":
-        yield from _read_parquet(path, text_field)
-      else:
-        text = _read_source(path)
-        if text is not None:
-          yield text
-
-
-def _read_source(path: pathlib.Path) -> str | None:
-  data = path.read_bytes()
-  if b"\0" in data[:_BINARY_SNIFF_BYTES]:
-    return None
-  try:
-    return data.decode()
-  except UnicodeDecodeError:
-    return None
-
-
-def _read_jsonl(path: pathlib.Path, text_field: str) -> Iterator[str]:
-  opener = gzip.open if path.name.endswith(".gz") else open
-  with opener(path, "rb") as raw, io.TextIOWrapper(raw, encoding="utf-8") as lines:
-    for number, line in enumerate(lines, 1):
-      if not line.strip():
-        continue
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{number}: not a JSON line ({e})") from e
-      if text_field not in row:
-        raise ConfigError("text_field", f"{path}:{number} has no field {text_field!r}")
-      yield row[text_field]
-
-
-def _read_parquet(path: pathlib.Path, text_field: str) -> Iterator[str]:
-  import pyarrow.parquet as pq
-
-  parquet = pq.ParquetFile(path)
-  if text_field not in parquet.schema_arrow.names:
-    raise ConfigError("text_field", f"{path} has no column {text_field!r}")
-  for batch in parquet.iter_batches(columns=[text_field]):
-    for text in batch.column(0).to_pylist():
-      if text is not None:
-        yield text
+  paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+  return sources.mixture_texts(Mixture.from_inputs(paths, domain="text", text_field=text_field, key="inputs"))

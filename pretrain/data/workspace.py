@@ -8,10 +8,9 @@ which skips what `prepared_dir` already holds and resumes an interrupted run.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import pathlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 from pretrain.data import mixture as mixture_lib
 from pretrain.data import prepare, sources
@@ -22,15 +21,6 @@ from pretrain.data.tokenizer_train import train_sentencepiece
 from pretrain.schema import ConfigError
 
 
-def mixture_texts(mixture: Mixture) -> Iterator[str]:
-  """Every document's text, as `prepare` reads them (same files, same languages)."""
-  for index in range(len(mixture.components)):
-    units, _ = sources.plan_units(mixture, index)
-    for unit in units:
-      for document in sources.read_unit(unit, collections.Counter(), skip_corrupt=True):
-        yield document.text
-
-
 def ensure_tokenizer(data: DataConfig, mixture: Mixture, log: Callable[[str], None] = print) -> Tokenizer:
   path = pathlib.Path(data.tokenizer).expanduser()
   if not path.exists():
@@ -38,7 +28,7 @@ def ensure_tokenizer(data: DataConfig, mixture: Mixture, log: Callable[[str], No
       raise ConfigError("config.data.tokenizer", f"{path} does not exist (set train_tokenizer_vocab_size to train "
                         "a sentencepiece model there from the mixture's inputs)")
     log(f"training a {data.train_tokenizer_vocab_size}-token sentencepiece model into {path}")
-    train_sentencepiece(mixture_texts(mixture), path, vocab_size=data.train_tokenizer_vocab_size,
+    train_sentencepiece(sources.mixture_texts(mixture), path, vocab_size=data.train_tokenizer_vocab_size,
                         special_tokens=data.special_tokens)
   return load_tokenizer(path, data.special_tokens, key="config.data")
 
