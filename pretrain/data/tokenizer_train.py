@@ -15,6 +15,7 @@ import tempfile
 from collections.abc import Iterable, Iterator
 
 from pretrain.data.config import SpecialTokens
+from pretrain.schema import ConfigError
 
 MODEL_NAME = "tokenizer.model"
 
@@ -71,14 +72,16 @@ def train_sentencepiece(texts: Iterable[str], out_dir, *, vocab_size: int, speci
           minloglevel=2,
           **specials,
       )
-    except RuntimeError:
+    except RuntimeError as e:
       if errors:
         raise errors[0] from None
-      raise
+      # What is left is sentencepiece refusing the settings, e.g. a vocab smaller than the characters.
+      raise ConfigError("vocab_size", f"sentencepiece cannot train with vocab_size={vocab_size}: "
+                        f"{str(e).rsplit('] ', 1)[-1]}") from e
     trained = sentencepiece.SentencePieceProcessor(model_file=str(tmp_dir / MODEL_NAME)).get_piece_size()
     if trained != vocab_size:
-      raise ValueError(f"sentencepiece made {trained} pieces, not the {vocab_size} asked for: "
-                       "give it more text or ask for a smaller vocab_size")
+      raise ConfigError("vocab_size", f"sentencepiece made {trained} pieces, not the {vocab_size} asked for: "
+                        "give it more text or ask for a smaller vocab_size")
     if out_dir.exists():
       out_dir.rmdir()  # empty, checked above
     tmp_dir.rename(out_dir)
