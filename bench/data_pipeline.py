@@ -23,6 +23,7 @@ from flax import nnx
 from pretrain import config as config_lib
 from pretrain import models
 from pretrain.data import pipeline, workspace
+from pretrain.train import loss as loss_lib
 
 
 def pipeline_throughput(data, mixture, tokenizer, min_tokens: int) -> tuple[float, float]:
@@ -36,17 +37,14 @@ def pipeline_throughput(data, mixture, tokenizer, min_tokens: int) -> tuple[floa
   return tokens / (time.perf_counter() - wall), tokens / (time.process_time() - cpu)
 
 
-def step_consumption(model_config, batch: dict[str, np.ndarray], repeats: int = 5) -> float:
+def step_consumption(model_config, batch: dict[str, np.ndarray], num_components: int, repeats: int = 5) -> float:
   """Tokens per second that forward + backward of the model takes in."""
   model = models.build(model_config)
   graphdef, params = nnx.split(model)
 
-  def loss(params, batch):
-    m = nnx.merge(graphdef, params)
-    logits, aux = m(batch["inputs"], batch["positions"], batch["segment_ids"], return_aux=True)
-    logp = jax.nn.log_softmax(logits)
-    nll = -jnp.take_along_axis(logp, batch["targets"][..., None], axis=-1)[..., 0]
-    return (nll * batch["loss_mask"]).sum() / batch["loss_mask"].sum() + aux["balance_loss"]
+  def loss(params, batch):  # the trainer's own loss (chunked cross-entropy + balance loss)
+    return loss_lib.loss_and_metrics(nnx.merge(graphdef, params), batch, chunk=batch["inputs"].shape[1],
+                                     num_components=num_components)[0]
 
   step = jax.jit(jax.value_and_grad(loss))
   jax.block_until_ready(step(params, batch))
@@ -62,7 +60,8 @@ def main(argv) -> None:
   mixture, tokenizer, _ = workspace.ensure_prepared(data, log=lambda message: None)
   wall, per_core = pipeline_throughput(data, mixture, tokenizer, min_tokens=4_000_000)
   batch = next(iter(pipeline.build(data, mixture, tokenizer)))
-  consumed = step_consumption(experiment.model, {k: jnp.asarray(v) for k, v in batch.items()})
+  consumed = step_consumption(experiment.model, {k: jnp.asarray(v) for k, v in batch.items()},
+                              len(mixture.components))
   print(f"config: seq_len {data.seq_len}, global batch {data.global_batch_size}, "
         f"components {', '.join(f'{c.name} {c.weight:g} (fim {c.fim_rate:g})' for c in mixture.components)}")
   print(f"pipeline          {per_core:14,.0f} tokens/s per core   ({wall:,.0f} tokens/s wall)")

@@ -8,12 +8,9 @@ from __future__ import annotations
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding
 
 
-def to_global(batch: dict[str, np.ndarray], mesh: Mesh, batch_axes: tuple[str, ...]) -> dict[str, jax.Array]:
-  out = {}
-  for name, local in batch.items():
-    spec = PartitionSpec(batch_axes, *([None] * (local.ndim - 1)))
-    out[name] = jax.make_array_from_process_local_data(NamedSharding(mesh, spec), local)
-  return out
+def to_global(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
+  """`sharding` splits the leading (batch) dimension, e.g. NamedSharding(mesh, PartitionSpec(batch_axes))."""
+  return {name: jax.make_array_from_process_local_data(sharding, local) for name, local in batch.items()}

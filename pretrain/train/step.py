@@ -62,11 +62,12 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, co
         (loss, metrics), grads = grad_fn(params, part, normalizer)
         return jax.tree.map(jnp.add, carry, (loss, metrics, grads)), None
 
-      first = jax.tree.map(lambda x: x[0], parts)
-      rest = jax.tree.map(lambda x: x[1:], parts)
-      (loss, metrics), grads = grad_fn(params, first, normalizer)
       # Each part's loss and metrics are its share of the whole batch's (loss.py), so they add up.
-      (loss, metrics, grads), _ = jax.lax.scan(accumulate, (loss, metrics, grads), rest)
+      # Starting from zeros (x + 0 == x exactly) keeps one traced copy of the gradient in the scan body.
+      first = jax.tree.map(lambda x: x[0], parts)
+      (loss, metrics), grads = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype),
+                                            jax.eval_shape(grad_fn, params, first, normalizer))
+      (loss, metrics, grads), _ = jax.lax.scan(accumulate, (loss, metrics, grads), parts)
 
     grad_norm = optax.tree.norm(grads)
     history = state["grad_norms"]
@@ -91,7 +92,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, co
         "skipped": state["skipped"] + (~ok).astype(jnp.int32),
     }
     metrics = dict(metrics, grad_norm=grad_norm, update_skipped=(~ok).astype(jnp.float32),
-                   bad_steps=new_state["bad_steps"])
+                   bad_steps=new_state["bad_steps"], skipped_updates=new_state["skipped"])
     return new_state, metrics
 
   return train_step

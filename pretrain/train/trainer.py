@@ -12,6 +12,7 @@ written to and before any compute.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 import signal
@@ -61,9 +62,10 @@ def train(experiment: ExperimentConfig, *, log=print) -> dict[str, Any]:
   graphdef, abstract_params = nnx.split(abstract_model)
   param_shardings = sharding.param_shardings(abstract_params, mesh, cfg.axis_rules)
   tx = optimizer.make_optimizer(cfg.optimizer, cfg.steps, abstract_params)
-  state_shardings = _state_shardings(tx, abstract_params, param_shardings, mesh)
-  abstract_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                                jax.eval_shape(lambda p: step.init_state(p, tx), abstract_params), state_shardings)
+  unplaced_state = jax.eval_shape(lambda p: step.init_state(p, tx), abstract_params)
+  state_shardings = _state_shardings(unplaced_state, abstract_params, param_shardings, mesh)
+  abstract_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), unplaced_state,
+                                state_shardings)
 
   # 3. Data: prepared on first use (the built-in default), then this process's share.
   mixture, tokenizer, _ = workspace.ensure_prepared(data, log=log)
@@ -96,26 +98,27 @@ def train(experiment: ExperimentConfig, *, log=print) -> dict[str, Any]:
   train_step = jax.jit(step.make_train_step(graphdef, tx, cfg, len(mixture.components)),
                        in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, None),
                        donate_argnums=(0,))
-  return _loop(experiment, state, train_step, data_iter, checkpoints, mesh, batch_axes, mixture, log)
+  return _loop(experiment, state, train_step, data_iter, checkpoints, batch_sharding, mixture, log)
 
 
-def _loop(experiment, state, train_step, data_iter, checkpoints, mesh, batch_axes, mixture, log) -> dict[str, Any]:
+def _loop(experiment, state, train_step, data_iter, checkpoints, batch_sharding, mixture, log) -> dict[str, Any]:
   cfg, data = experiment.train, experiment.data
   start = int(jax.device_get(state["step"]))
-  tokens_per_step = data.global_batch_size * data.seq_len
-  flops_per_token = flops.flops_per_token(experiment.model, data.seq_len)
   peak, _ = flops.peak_flops_per_device()
-  names = [c.name for c in mixture.components]
+  report = _Report(cfg, names=[c.name for c in mixture.components],
+                   learning_rate=optimizer.learning_rate(cfg.optimizer, cfg.steps),
+                   tokens_per_step=data.global_batch_size * data.seq_len,
+                   flops_per_token=flops.flops_per_token(experiment.model, data.seq_len), peak_flops=peak)
   writer = metrics.MetricsWriter(cfg.workdir)
   progress = metrics.Progress(cfg.steps, start_step=start) if jax.process_index() == 0 else None
   stop = _StopOnSigterm()
   pending, last, step_start = None, {}, time.perf_counter()
   try:
     for number in range(start, cfg.steps):
-      batch = global_batch.to_global(next(data_iter), mesh, batch_axes)
+      batch = global_batch.to_global(next(data_iter), batch_sharding)
       state, step_metrics = train_step(state, batch)
       if pending is not None:  # the previous step's metrics, read while this one runs
-        last = _report(*pending, writer, progress, cfg, names, tokens_per_step, flops_per_token, peak)
+        last = report(*pending, writer, progress)
       now = time.perf_counter()
       pending, step_start = (number + 1, step_metrics, now - step_start), now
       if (number + 1) % cfg.checkpoint_every == 0 or number + 1 == cfg.steps or stop.requested:
@@ -124,7 +127,7 @@ def _loop(experiment, state, train_step, data_iter, checkpoints, mesh, batch_axe
         log(f"SIGTERM: saved step {number + 1}; run the same command to continue")
         break
     if pending is not None:
-      last = _report(*pending, writer, progress, cfg, names, tokens_per_step, flops_per_token, peak)
+      last = report(*pending, writer, progress)
   finally:
     checkpoints.wait()
     checkpoints.close()
@@ -137,37 +140,49 @@ def _loop(experiment, state, train_step, data_iter, checkpoints, mesh, batch_axe
   return last
 
 
-def _report(number, step_metrics, seconds, writer, progress, cfg: TrainConfig, names, tokens_per_step,
-            flops_per_token, peak) -> dict[str, Any]:
-  host = jax.device_get(step_metrics)
-  tokens_per_second = tokens_per_step / max(seconds, 1e-9)
-  scalars = {
-      "loss": float(host["loss"]), "ce_loss": float(host["ce_loss"]), "balance_loss": float(host["balance_loss"]),
-      "grad_norm": float(host["grad_norm"]), "update_skipped": float(host["update_skipped"]),
-      "learning_rate": float(optimizer.learning_rate(cfg.optimizer, cfg.steps)(number - 1)),
-      "tokens_per_second": tokens_per_second, "step_seconds": seconds,
-      "mfu": flops.mfu(tokens_per_second, flops_per_token, peak, jax.device_count()),
-  }
-  component_tokens = np.asarray(host["component_tokens"])
-  for i, name in enumerate(names):
-    if component_tokens[i] > 0:
-      scalars[f"loss/{name}"] = float(host["component_nll_sum"][i] / component_tokens[i])
-  if "expert_load" in host:
-    load = np.asarray(host["expert_load"])
-    scalars["expert_load/max"], scalars["expert_load/min"] = float(load.max()), float(load.min())
-  bad_steps = int(host["bad_steps"])
-  if number % cfg.log_every == 0 or number == cfg.steps or bad_steps >= cfg.max_bad_steps:
-    writer.write(number, scalars)
-  if bad_steps >= cfg.max_bad_steps:
-    raise BadStepsError(f"step {number}: {bad_steps} consecutive updates skipped (non-finite loss or gradient norm, "
-                        f"or a gradient-norm spike over {cfg.grad_spike_factor}x its running median); stopping. "
-                        "The last good checkpoint is intact.")
-  if progress is not None:
-    progress.update(number, loss=scalars["loss"], tokens_per_second=tokens_per_second)
-  return scalars
+@dataclasses.dataclass(frozen=True)
+class _Report:
+  """Turns a step's device metrics into logged scalars, and stops a run gone bad."""
+
+  cfg: TrainConfig
+  names: list[str]
+  learning_rate: Any  # optax.Schedule
+  tokens_per_step: int
+  flops_per_token: float
+  peak_flops: float
+
+  def __call__(self, number: int, step_metrics, seconds: float, writer, progress) -> dict[str, Any]:
+    cfg = self.cfg
+    host = jax.device_get(step_metrics)
+    tokens_per_second = self.tokens_per_step / max(seconds, 1e-9)
+    scalars = {
+        "loss": float(host["loss"]), "ce_loss": float(host["ce_loss"]), "balance_loss": float(host["balance_loss"]),
+        "grad_norm": float(host["grad_norm"]), "update_skipped": float(host["update_skipped"]),
+        "skipped_updates": float(host["skipped_updates"]),
+        "learning_rate": float(self.learning_rate(number - 1)),
+        "tokens_per_second": tokens_per_second, "step_seconds": seconds,
+        "mfu": flops.mfu(tokens_per_second, self.flops_per_token, self.peak_flops, jax.device_count()),
+    }
+    component_tokens = np.asarray(host["component_tokens"])
+    for i, name in enumerate(self.names):
+      if component_tokens[i] > 0:
+        scalars[f"loss/{name}"] = float(host["component_nll_sum"][i] / component_tokens[i])
+    if "expert_load" in host:
+      load = np.asarray(host["expert_load"])
+      scalars["expert_load/max"], scalars["expert_load/min"] = float(load.max()), float(load.min())
+    bad_steps = int(host["bad_steps"])
+    if number % cfg.log_every == 0 or number == cfg.steps or bad_steps >= cfg.max_bad_steps:
+      writer.write(number, scalars)
+    if bad_steps >= cfg.max_bad_steps:
+      raise BadStepsError(f"step {number}: {bad_steps} consecutive updates skipped (non-finite loss or gradient "
+                          f"norm, or a gradient-norm spike over {cfg.grad_spike_factor}x its running median); "
+                          "stopping. The last good checkpoint is intact.")
+    if progress is not None:
+      progress.update(number, loss=scalars["loss"], tokens_per_second=tokens_per_second)
+    return scalars
 
 
-def _state_shardings(tx, abstract_params, param_shardings, mesh):
+def _state_shardings(abstract_state, abstract_params, param_shardings, mesh):
   """Parameters by the axis rules; optimizer leaves that mirror a parameter (Adam's moments) like it;
   everything else (counts, the guard's history) replicated."""
   replicated = NamedSharding(mesh, PartitionSpec())
@@ -182,7 +197,6 @@ def _state_shardings(tx, abstract_params, param_shardings, mesh):
         return sharding
     return replicated
 
-  abstract_state = jax.eval_shape(lambda p: step.init_state(p, tx), abstract_params)
   shardings = jax.tree_util.tree_map_with_path(like_param, abstract_state)
   return dict(shardings, params=param_shardings)
 
