@@ -136,17 +136,19 @@ def test_moe_gradients_match_dense_reference(implementation):
 
 @pytest.mark.parametrize("sizes", [[40, 0, 0, 0], [0, 0, 0, 40], [1, 13, 0, 26], [10, 10, 10, 10]])
 def test_blocked_experts_handle_skewed_and_empty_groups(sizes):
-  """Every expert gets the rows routed to it, however unbalanced; the result equals ragged_dot."""
-  experts, dim, hidden = 4, 6, 5
+  """Every expert gets the rows routed to it, however unbalanced; the result equals ragged_dot. Rows
+  after the last group (an expert-parallel device's assignments to other devices' experts) come out 0."""
+  experts, dim, hidden, other_rows = 4, 6, 5, 7
   keys = jax.random.split(jax.random.key(8), 4)
-  x = jax.random.normal(keys[0], (sum(sizes), dim))
+  x = jax.random.normal(keys[0], (sum(sizes) + other_rows, dim))
   gate, up = (jax.random.normal(k, (experts, dim, hidden)) for k in keys[1:3])
   down = jax.random.normal(keys[3], (experts, hidden, dim))
   group_sizes = jnp.array(sizes, jnp.int32)
   blocked = grouped_experts.expert_swiglu(x, group_sizes, gate, up, down, "blocked")
   expert_of_row = np.repeat(np.arange(experts), sizes)
   expected = np.stack([
-      np.asarray(jax.nn.silu(x[r] @ gate[e]) * (x[r] @ up[e]) @ down[e]) for r, e in enumerate(expert_of_row)])
+      np.asarray(jax.nn.silu(x[r] @ gate[e]) * (x[r] @ up[e]) @ down[e]) for r, e in enumerate(expert_of_row)]
+      + [np.zeros(dim, np.float32)] * other_rows)
   np.testing.assert_allclose(blocked, expected, atol=1e-5)
   np.testing.assert_allclose(blocked, grouped_experts.expert_swiglu(x, group_sizes, gate, up, down, "ragged_dot"),
                              atol=1e-5)

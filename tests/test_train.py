@@ -238,3 +238,14 @@ def test_a_workdir_of_another_model_is_refused(data_dir, tmp_path):
   config["model"]["num_hidden_layers"] = 3
   with pytest.raises(ConfigError, match="config.model.num_hidden_layers"):
     trainer.train(config_lib.parse_experiment(config), log=lambda m: None)
+
+
+def test_init_from_a_training_workdir(data_dir, tmp_path):
+  """Continued pretraining from another run: its latest parameters, not its optimizer or step."""
+  trainer.train(experiment(data_dir, tmp_path / "source", steps=3), log=lambda m: None)
+  exp = experiment(data_dir, tmp_path / "run", steps=1, init_from=str(tmp_path / "source"))
+  trainer.train(exp, log=lambda m: None)
+  assert [r["step"] for r in metrics(tmp_path / "run")] == [1]  # a fresh schedule, not step 4
+  got, want = final_params(tmp_path / "run", exp), final_params(tmp_path / "source", exp)
+  for key in want:
+    np.testing.assert_array_equal(got[key], want[key], err_msg=key)

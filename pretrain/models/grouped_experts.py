@@ -1,4 +1,5 @@
-"""Dropless expert SwiGLU over token rows already sorted by expert.
+"""Dropless routed-expert SwiGLU: sort the (token, expert) assignments by expert, run
+each expert over its rows, put the rows back and combine them with the routing weights.
 
 Two implementations of the same grouped computation; both do work proportional to
 the routed rows (T*K), never to T*E:
@@ -23,8 +24,34 @@ import jax.numpy as jnp
 IMPLEMENTATIONS = ("auto", "ragged_dot", "blocked")
 
 
+def routed_swiglu(x_TxD, weights_TxK, experts_TxK, gate_ExDxF, up_ExDxF, down_ExFxD, implementation: str = "auto"):
+  """sum_k weights[t, k] * expert_{experts[t, k]}(x[t]) -> [T, D].
+
+  Assignments to an expert index outside [0, E) contribute nothing: under expert
+  parallelism (expert_parallel.py) each device holds E of the experts and is given
+  every assignment of its token group.
+  """
+  tokens, k = experts_TxK.shape
+  num_experts = gate_ExDxF.shape[0]
+  dtype = x_TxD.dtype
+  # Sort by expert (others last) so each expert's rows are contiguous.
+  here_TxK = (experts_TxK >= 0) & (experts_TxK < num_experts)
+  flat_experts = jnp.where(here_TxK, experts_TxK, num_experts).reshape(-1)
+  order = jnp.argsort(flat_experts, stable=True)
+  x_AxD = jnp.take(x_TxD, order // k, axis=0)  # A = T*K assignments
+  group_sizes_E = jnp.bincount(flat_experts, length=num_experts + 1)[:num_experts].astype(jnp.int32)
+  y_AxD = expert_swiglu(x_AxD, group_sizes_E, gate_ExDxF.astype(dtype), up_ExDxF.astype(dtype),
+                        down_ExFxD.astype(dtype), implementation)
+  # Back to (token, k) order; summing over k keeps a fixed, deterministic order.
+  y_TxKxD = jnp.take(y_AxD, jnp.argsort(order), axis=0).reshape(tokens, k, -1)
+  return jnp.einsum("TKD,TK->TD", y_TxKxD, weights_TxK.astype(dtype))
+
+
 def expert_swiglu(x_AxD, group_sizes_E, gate_ExDxF, up_ExDxF, down_ExFxD, implementation: str = "auto"):
-  """silu(x @ gate[e]) * (x @ up[e]) @ down[e] for each row x of expert e -> [A, D]."""
+  """silu(x @ gate[e]) * (x @ up[e]) @ down[e] for each row x of expert e -> [A, D].
+
+  Rows are grouped by expert in order; rows past sum(group_sizes) belong to no expert and come out 0.
+  """
   if implementation == "auto":
     implementation = "ragged_dot" if jax.default_backend() == "tpu" else "blocked"
   if implementation == "ragged_dot":
@@ -60,14 +87,17 @@ def _blocked(x_AxD, group_sizes_E, gate_ExDxF, up_ExDxF, down_ExFxD):
   padded_start_E = padded_end_E - padded_sizes_E
   expert_of_row_A = jnp.repeat(jnp.arange(experts), group_sizes_E, total_repeat_length=rows)
   padded_row_A = jnp.arange(rows) - start_E[expert_of_row_A] + padded_start_E[expert_of_row_A]
+  # Rows of no expert get distinct indices past the end: dropped on the way in, read back as 0.
+  padded_row_A = jnp.where(jnp.arange(rows) < group_sizes_E.sum(), padded_row_A, num_blocks * block + jnp.arange(rows))
 
-  x_PxD = jnp.zeros((num_blocks * block, dim), x_AxD.dtype).at[padded_row_A].set(x_AxD, unique_indices=True)
+  x_PxD = jnp.zeros((num_blocks * block, dim), x_AxD.dtype).at[padded_row_A].set(
+      x_AxD, unique_indices=True, mode="drop")
   block_starts = jnp.arange(num_blocks) * block
   expert_of_block = jnp.minimum(jnp.searchsorted(padded_end_E, block_starts, side="right"), experts - 1)
   used_block = block_starts < padded_end_E[-1]
   y_NxBxD = _blocks_swiglu(x_PxD.reshape(num_blocks, block, dim), expert_of_block, used_block,
                            gate_ExDxF, up_ExDxF, down_ExFxD)
-  return y_NxBxD.reshape(-1, dim)[padded_row_A]
+  return y_NxBxD.reshape(-1, dim).at[padded_row_A].get(mode="fill", fill_value=0)
 
 
 # The backward pass is written out because autodiff of the scan would add a full-size

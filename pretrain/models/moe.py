@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from pretrain.models import grouped_experts, layers
+from pretrain.models import expert_parallel, grouped_experts, layers
 from pretrain.models.config import DeepseekV2Config
 
 
@@ -57,25 +57,17 @@ class RoutedExperts(nnx.Module):
   def __init__(self, num_experts: int, dim: int, hidden: int, std: float, implementation: str, *,
                rngs: nnx.Rngs):
     self.implementation = implementation
+    self.parallel: expert_parallel.ExpertParallel | None = None  # set by the trainer for its mesh
     self.gate_proj = layers.param(rngs, (num_experts, dim, hidden), ("expert", "embed", "mlp"), std)
     self.up_proj = layers.param(rngs, (num_experts, dim, hidden), ("expert", "embed", "mlp"), std)
     self.down_proj = layers.param(rngs, (num_experts, hidden, dim), ("expert", "mlp", "embed"), std)
 
   def __call__(self, x_TxD: jnp.ndarray, weights_TxK: jnp.ndarray, experts_TxK: jnp.ndarray) -> jnp.ndarray:
-    tokens, k = experts_TxK.shape
-    num_experts = self.gate_proj.shape[0]
-    dtype = x_TxD.dtype
-    # Sort the T*K assignments by expert so each expert's rows are contiguous.
-    flat_experts = experts_TxK.reshape(-1)
-    order = jnp.argsort(flat_experts, stable=True)
-    x_AxD = jnp.take(x_TxD, order // k, axis=0)  # A = T*K assignments
-    group_sizes_E = jnp.bincount(flat_experts, length=num_experts).astype(jnp.int32)
-    y_AxD = grouped_experts.expert_swiglu(
-        x_AxD, group_sizes_E, self.gate_proj[...].astype(dtype), self.up_proj[...].astype(dtype),
-        self.down_proj[...].astype(dtype), self.implementation)
-    # Back to (token, k) order; summing over k keeps a fixed, deterministic order.
-    y_TxKxD = jnp.take(y_AxD, jnp.argsort(order), axis=0).reshape(tokens, k, -1)
-    return jnp.einsum("TKD,TK->TD", y_TxKxD, weights_TxK.astype(dtype))
+    weights = (self.gate_proj[...], self.up_proj[...], self.down_proj[...])
+    if self.parallel is None:
+      return grouped_experts.routed_swiglu(x_TxD, weights_TxK, experts_TxK, *weights, self.implementation)
+    return expert_parallel.routed_swiglu(self.parallel, x_TxD, weights_TxK, experts_TxK, *weights,
+                                         self.implementation)
 
 
 class DeepseekMoE(nnx.Module):

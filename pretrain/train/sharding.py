@@ -16,6 +16,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from pretrain.models import expert_parallel, moe
 from pretrain.schema import ConfigError
 from pretrain.train.config import MeshConfig
 
@@ -75,3 +76,22 @@ def param_shardings(abstract_params: nnx.State, mesh: Mesh, rules: AxisRules) ->
 def batch_axes(mesh: Mesh, rules: AxisRules) -> tuple[str, ...]:
   """The mesh axes the batch dimension is split over (the 'batch' rule)."""
   return tuple(a for a in dict((n, tuple(a)) for n, a in rules).get("batch", ()) if a in mesh.shape)
+
+
+def plan_expert_parallelism(model: nnx.Module, mesh: Mesh, rules: AxisRules) -> None:
+  """Sets each routed-expert layer's `parallel` where the rules split its experts over the mesh."""
+  tokens = batch_axes(mesh, rules)
+  for _, module in nnx.iter_modules(model):
+    if not isinstance(module, moe.RoutedExperts):
+      continue
+    gate = module.gate_proj
+    expert_spec, _, mlp_spec = spec_for(gate.get_metadata()["out_sharding"], gate.shape, mesh, rules)
+    expert_axes = _axes(expert_spec)
+    mlp_axes = tuple(a for a in _axes(mlp_spec) if a not in tokens)
+    module.parallel = expert_parallel.ExpertParallel(mesh, tokens, expert_axes, mlp_axes) if expert_axes else None
+
+
+def _axes(spec_entry) -> tuple[str, ...]:
+  if spec_entry is None:
+    return ()
+  return (spec_entry,) if isinstance(spec_entry, str) else tuple(spec_entry)
