@@ -42,10 +42,13 @@ def _split_config_flags(argv: Sequence[str]) -> tuple[list[str], list[str]]:
 
 def cmd_train(args: argparse.Namespace, config_flags: list[str]) -> None:
   from pretrain import config as config_lib
-  from pretrain.train import trainer
+  from pretrain.train import stages, trainer
 
   _, experiment = config_lib.load(config_flags)
-  trainer.train(experiment)
+  if experiment.stages:
+    stages.run(experiment)
+  else:
+    trainer.train(experiment)
 
 
 def cmd_describe(args: argparse.Namespace, config_flags: list[str]) -> None:

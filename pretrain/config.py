@@ -23,8 +23,8 @@ from ml_collections import config_dict
 from pretrain import schema
 from pretrain.data.config import DataConfig
 from pretrain.models import presets
-from pretrain.train.config import TrainConfig
 from pretrain.models.config import ModelConfig
+from pretrain.train.config import StageConfig, TrainConfig
 from pretrain.schema import ConfigError
 
 # The built-in default experiment: a tiny DeepSeek-V2-style model.
@@ -36,7 +36,16 @@ class ExperimentConfig:
   model: ModelConfig
   data: DataConfig | None = None  # what `pretrain prepare` builds and training reads
   train: TrainConfig | None = None  # what `pretrain train` runs
+  stages: tuple[StageConfig, ...] = ()  # a staged recipe (train/stages.py); empty: one run of `train`
   seed: int = 0
+
+  def validate(self, key: str) -> None:
+    names = [stage.name for stage in self.stages]
+    for i, name in enumerate(names):
+      if name in names[:i]:
+        raise ConfigError(f"{key}.stages[{i}].name", f"{name!r} names two stages")
+    if self.stages and self.train is None:
+      raise ConfigError(f"{key}.train", "a staged recipe needs the train section its stages change")
 
 
 def parse_experiment(cfg: Any) -> ExperimentConfig:

@@ -106,3 +106,21 @@ def test_cli_bad_config_exits_nonzero_with_one_clear_line():
                         capture_output=True, text=True, cwd=ROOT)
   assert proc.returncode == 2
   assert "config.model.num_experts_per_tok" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("file", ["deepseek_coder_v2_lite.py", "deepseek_coder_v2.py"])
+def test_recipes_hold_the_papers_stages(file):
+  from pretrain.train import stages
+
+  _, exp = config_lib.load([f"--config={CONFIGS}/recipes/{file}:code=c,math=m,text=t,tokenizer=tok"])
+  plan = [e for _, e in stages.stage_experiments(exp)]
+  assert [(e.data.seq_len, e.data.global_batch_size, e.train.steps) for e in plan[1:]] == [
+      (32768, 1152, 1000), (131072, 288, 1000)]
+  assert all(e.model.rope_scaling.type == "yarn" and e.model.rope_scaling.factor == 40 for e in plan)
+  assert plan[0].train.optimizer.warmup_steps == 2000 and plan[0].train.optimizer.end_learning_rate_fraction == 0.1
+  assert [e.train.init_optimizer_state for e in plan] == [False, True, True]
+  # runlocal keeps every stage, small
+  _, local = config_lib.load([f"--config={CONFIGS}/recipes/{file}:runlocal"])
+  assert [(s.carry_optimizer_state, s.rope_scaling is not None) for s in local.stages] == [
+      (False, False), (True, True), (True, True)]
+  assert [s.seq_len for s in local.stages] == sorted(s.seq_len for s in local.stages)

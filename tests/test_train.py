@@ -16,7 +16,6 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
-from tiny_tokenizers import sample_texts
 
 from pretrain import config as config_lib
 from pretrain import convert, models, schema
@@ -25,20 +24,6 @@ from pretrain.schema import ConfigError
 from pretrain.train import checkpoint, step, trainer
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> pathlib.Path:
-  """A two-component mixture of generated JSONL, its tokenizer and prepared shards."""
-  root = tmp_path_factory.mktemp("data")
-  for seed, name in enumerate(("code", "text")):
-    (root / f"{name}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in sample_texts(300, seed)))
-  (root / "mixture.py").write_text(
-      "def get_mixture(arg=None):\n"
-      "  return {'name': 'tiny', 'components': [\n"
-      "      {'name': 'code', 'domain': 'code', 'weight': 0.7, 'inputs': ['code.jsonl'], 'fim_rate': 0.5},\n"
-      "      {'name': 'text', 'domain': 'text', 'weight': 0.3, 'inputs': ['text.jsonl'], 'language': 'english'}]}\n")
-  return root
 
 
 def experiment_dict(data_dir: pathlib.Path, workdir: pathlib.Path, **train) -> dict:

@@ -2,8 +2,9 @@
 
 `features` returns the final hidden states and the auxiliary outputs (MoE balance
 loss, expert load); `logits` projects hidden states to the vocabulary in float32.
-The trainer calls the two separately so it can compute the loss in chunks over the
-sequence without materialising [batch, seq, vocab] logits.
+The trainer takes `features` and `output_weights` separately so it can compute the
+loss in chunks (train/fused_cross_entropy.py) without materialising [batch, seq, vocab]
+logits.
 """
 
 from __future__ import annotations
@@ -65,6 +66,11 @@ class CausalLM(nnx.Module):
     if self.lm_head is None:
       return layers.einsum("BSD,VD->BSV", x_BxSxD, self.embed_tokens.table, self.dtype, out_dtype=jnp.float32)
     return layers.einsum("BSD,DV->BSV", x_BxSxD, self.lm_head, self.dtype, out_dtype=jnp.float32)
+
+  def output_weights(self) -> jnp.ndarray:
+    """The unembedding as [D, V] in the compute dtype: lm_head, or the embedding table's transpose when tied."""
+    w_DxV = self.embed_tokens.table[...].T if self.lm_head is None else self.lm_head[...]
+    return w_DxV.astype(self.dtype)
 
   def __call__(self, input_ids_BxS: jnp.ndarray, positions_BxS: jnp.ndarray | None = None,
                segment_ids_BxS: jnp.ndarray | None = None, *, return_aux: bool = False):

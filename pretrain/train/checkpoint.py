@@ -89,6 +89,31 @@ def load_init_params(path: str, abstract_params: nnx.State) -> nnx.State:
   return jax.tree.map(lambda value, target: jax.device_put(value, target.sharding), params, abstract_params)
 
 
+def load_init_state(path: str, abstract_state: dict[str, Any]) -> dict[str, Any]:
+  """The whole train state of a run's latest checkpoint (parameters and Adam moments), for a next stage.
+
+  The model and optimizer must be the same; batch, sequence and schedule may differ. Placed
+  on the abstract state's shardings.
+  """
+  directory = pathlib.Path(path).expanduser().absolute() / CHECKPOINTS_DIR
+  if not directory.is_dir():
+    raise ConfigError("config.train.init_optimizer_state", f"needs init_from to be a training work directory; "
+                      f"{path} has no {CHECKPOINTS_DIR}/")
+  manager = ocp.CheckpointManager(directory, item_names=("state", "data"))
+  try:
+    step = manager.latest_step()
+    if step is None:
+      raise ConfigError("config.train.init_from", f"{directory} holds no complete checkpoint")
+    try:
+      restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
+    except (ValueError, KeyError) as e:
+      raise ConfigError("config.train.init_from", f"{directory}/{step} does not fit this run's model and "
+                        f"optimizer: {str(e).splitlines()[0]}") from e
+  finally:
+    manager.close()
+  return restored["state"]
+
+
 def _check_shapes(params: nnx.State, abstract_params: nnx.State, source: pathlib.Path) -> None:
   """The run's model may change how it computes (rope scaling, dtype), not its parameters."""
   found = dict(jax.tree_util.tree_leaves_with_path(params))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
+from pretrain.models.config import RopeScaling
 from pretrain.schema import ConfigError
 
 
@@ -73,7 +74,9 @@ class TrainConfig:
   checkpoint_every: int = 100
   keep_last: int = 3
   keep_every: int = 0  # also keep every checkpoint whose step is a multiple of this (0: none)
-  init_from: str = ""  # a Hugging Face directory or an Orbax checkpoint: parameters only, fresh optimizer
+  init_from: str = ""  # a Hugging Face directory, an Orbax checkpoint or a run's work directory: its parameters
+  # With init_from a run's work directory: also continue its Adam moments (the schedule starts afresh).
+  init_optimizer_state: bool = False
   grad_spike_factor: float = 10.0  # a gradient norm above this times its running median skips the update
   max_bad_steps: int = 5  # consecutive skipped updates before the run stops
 
@@ -82,3 +85,30 @@ class TrainConfig:
                  "max_bad_steps"):
       if getattr(self, name) < 1:
         raise ConfigError(f"{key}.{name}", f"must be >= 1, got {getattr(self, name)}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class StageConfig:
+  """One stage of a staged recipe: what changes from the experiment's settings for it.
+
+  A stage starts from the previous stage's final parameters (the first from
+  `train.init_from`), with a fresh schedule; `carry_optimizer_state` also continues the
+  previous stage's Adam moments. Unset fields keep the experiment's values.
+  """
+
+  name: str
+  steps: int
+  seq_len: int | None = None
+  global_batch_size: int | None = None
+  optimizer: OptimizerConfig | None = None  # this stage's schedule (peak, warmup, end fraction)
+  weights: dict[str, float] = dataclasses.field(default_factory=dict)  # mixture weights, by component name
+  min_length: int | None = None  # drop shorter documents (tokens): upsamples long documents
+  rope_scaling: RopeScaling | None = None  # None: the model's own
+  microbatches: int | None = None
+  carry_optimizer_state: bool = False
+
+  def validate(self, key: str) -> None:
+    if not self.name or "/" in self.name or self.name.startswith("."):
+      raise ConfigError(f"{key}.name", f"must be a plain directory name, got {self.name!r}")
+    if self.steps < 1:
+      raise ConfigError(f"{key}.steps", f"must be >= 1, got {self.steps}")

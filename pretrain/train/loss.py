@@ -1,9 +1,8 @@
-"""Next-token cross-entropy in float32, chunked over the sequence, plus the MoE balance loss.
+"""Next-token cross-entropy in float32, chunked over tokens, plus the MoE balance loss.
 
 [B, S, V] logits would dominate memory at long context (1 x 32K x 102400 float32 is 13 GB),
-so `token_nll` scans over chunks of `chunk` positions: each chunk's logits exist only inside
-its step, and `jax.checkpoint` makes the backward pass recompute them instead of keeping
-them, so at most one [B, chunk, V] block is live in either direction.
+so `token_nll` goes through `fused_cross_entropy.nll`: `chunk` tokens' logits at a time,
+their gradient folded into dh and dw on the spot, nothing vocabulary-sized kept.
 
 Gradient accumulation. Every value `loss_and_metrics` returns is one micro-batch's share of
 the global batch's value, so the trainer sums losses, gradients and metrics over
@@ -20,54 +19,21 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
+
+from pretrain.train import fused_cross_entropy
 
 
 def token_nll(model, h_BxSxD: jax.Array, targets_BxS: jax.Array, loss_mask_BxS: jax.Array,
-              chunk: int) -> tuple[jax.Array, jax.Array]:
-  """(masked nll sum per row [B], loss-mask count per row [B]), both float32.
+              chunk: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(masked nll sum, differentiable; nll sum per row [B] and loss-mask count per row [B], for metrics).
 
-  `model.logits` is applied `chunk` positions at a time; S need not be a multiple of `chunk`
-  (the last chunk is padded and the padding masked).
+  All float32. A masked position's target may be anything (padding), even out of range.
   """
   batch, seq, dim = h_BxSxD.shape
-  chunk = min(chunk, seq)
-  num_chunks = -(-seq // chunk)
-  pad = num_chunks * chunk - seq
-  mask_BxS = loss_mask_BxS.astype(jnp.float32)
-  if pad:
-    h_BxSxD = jnp.pad(h_BxSxD, ((0, 0), (0, pad), (0, 0)))
-    targets_BxS = jnp.pad(targets_BxS, ((0, 0), (0, pad)))
-    mask_BxS = jnp.pad(mask_BxS, ((0, 0), (0, pad)))
-  # Chunks lead so lax.scan walks them: [N, B, C, ...].
-  h_NxBxCxD = h_BxSxD.reshape(batch, num_chunks, chunk, dim).swapaxes(0, 1)
-  targets_NxBxC = targets_BxS.reshape(batch, num_chunks, chunk).swapaxes(0, 1)
-  mask_NxBxC = mask_BxS.reshape(batch, num_chunks, chunk).swapaxes(0, 1)
-
-  # The parameters enter as an explicit argument so the transforms see (and differentiate) them.
-  graphdef, state = nnx.split(model)
-
-  def chunk_nll(state, h_BxCxD, targets_BxC, mask_BxC):
-    logits_BxCxV = nnx.merge(graphdef, state).logits(h_BxCxD).astype(jnp.float32)
-    logz_BxC = jax.nn.logsumexp(logits_BxCxV, axis=-1)
-    target_logit_BxC = jnp.take_along_axis(logits_BxCxV, targets_BxC[..., None], axis=-1)[..., 0]
-    # where, not only multiply: a masked position's target may be anything (padding), even out of range.
-    return jnp.where(mask_BxC > 0, (logz_BxC - target_logit_BxC) * mask_BxC, 0.0).sum(axis=-1)
-
-  if num_chunks == 1:
-    # One chunk: its logits are live in full anyway, so recomputing them in the backward pass
-    # (a third lm_head matmul, the largest in a small model) would buy no memory.
-    return chunk_nll(state, h_BxSxD, targets_BxS, mask_BxS), mask_BxS.sum(axis=-1)
-  remat_nll = jax.checkpoint(chunk_nll, prevent_cse=False)
-
-  def step(nll_B, xs):
-    h_BxCxD, targets_BxC, mask_BxC = xs
-    return nll_B + remat_nll(state, h_BxCxD, targets_BxC, mask_BxC), None
-
-  # Recompute each chunk's logits in the backward pass rather than keep them. prevent_cse=False:
-  # under scan there is no common subexpression to guard against (jax.checkpoint docs).
-  nll_B, _ = jax.lax.scan(step, jnp.zeros((batch,), jnp.float32), (h_NxBxCxD, targets_NxBxC, mask_NxBxC))
-  return nll_B, mask_BxS.sum(axis=-1)
+  total, nll_T = fused_cross_entropy.nll(h_BxSxD.reshape(batch * seq, dim).astype(model.dtype),
+                                         model.output_weights(), targets_BxS.reshape(-1),
+                                         loss_mask_BxS.reshape(-1), chunk)
+  return total, nll_T.reshape(batch, seq).sum(axis=-1), loss_mask_BxS.astype(jnp.float32).sum(axis=-1)
 
 
 def loss_and_metrics(model, batch: dict, *, chunk: int, num_components: int, normalizer: jax.Array | None = None,
@@ -79,8 +45,8 @@ def loss_and_metrics(model, batch: dict, *, chunk: int, num_components: int, nor
   microbatches: how many micro-batches the trainer sums; scales the balance loss and expert load.
   """
   h_BxSxD, aux = model.features(batch["inputs"], batch["positions"], batch["segment_ids"])
-  nll_B, tokens_B = token_nll(model, h_BxSxD, batch["targets"], batch["loss_mask"], chunk)
-  nll_sum, tokens = nll_B.sum(), tokens_B.sum()
+  nll_sum, nll_B, tokens_B = token_nll(model, h_BxSxD, batch["targets"], batch["loss_mask"], chunk)
+  tokens = tokens_B.sum()
   normalizer = tokens if normalizer is None else jnp.asarray(normalizer, jnp.float32)
   ce_loss = nll_sum / jnp.maximum(normalizer, 1.0)
   balance_loss = aux["balance_loss"] / microbatches

@@ -28,15 +28,25 @@ GRAD_NORM_WINDOW = 64
 MIN_HISTORY = 8  # accepted steps before the spike test applies
 
 
-def init_state(params: nnx.State, tx: optax.GradientTransformation) -> dict[str, Any]:
+def init_state(params: nnx.State, tx: optax.GradientTransformation | None, opt_state=None) -> dict[str, Any]:
   return {
       "params": params,
-      "opt_state": tx.init(params),
+      "opt_state": tx.init(params) if opt_state is None else opt_state,
       "step": jnp.zeros((), jnp.int32),
       "grad_norms": jnp.full((GRAD_NORM_WINDOW,), jnp.nan, jnp.float32),
       "bad_steps": jnp.zeros((), jnp.int32),
       "skipped": jnp.zeros((), jnp.int32),
   }
+
+
+def restart_state(state: dict[str, Any]) -> dict[str, Any]:
+  """`state` at step 0 of a new stage: parameters and Adam moments kept, the schedule and guard restarted."""
+  def restart(leaf):
+    return leaf._replace(count=jnp.zeros_like(leaf.count)) if isinstance(leaf, optax.ScaleByScheduleState) else leaf
+
+  fresh = init_state(state["params"], None, opt_state=jax.tree.map(
+      restart, state["opt_state"], is_leaf=lambda x: isinstance(x, optax.ScaleByScheduleState)))
+  return fresh
 
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, config: TrainConfig,

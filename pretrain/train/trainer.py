@@ -78,7 +78,9 @@ def train(experiment: ExperimentConfig, *, log=print) -> dict[str, Any]:
 
   # 4. State: own checkpoint, else init_from, else fresh. init_from is read before anything is written.
   resuming = checkpoint.has_checkpoints(workdir)
-  if not resuming and cfg.init_from:
+  if not resuming and cfg.init_from and cfg.init_optimizer_state:
+    init_state = checkpoint.load_init_state(cfg.init_from, abstract_state)
+  elif not resuming and cfg.init_from:
     init_params = checkpoint.load_init_params(cfg.init_from, _with_shardings(abstract_params, param_shardings))
   _check_workdir(workdir, experiment)  # the first write to the work directory
   checkpoints = checkpoint.Checkpoints(workdir, cfg)
@@ -87,6 +89,9 @@ def train(experiment: ExperimentConfig, *, log=print) -> dict[str, Any]:
     state, data_state = checkpoints.restore(latest, abstract_state)
     data_iter.set_state(data_state)
     log(f"resumed from {checkpoints.directory}/{latest}")
+  elif cfg.init_from and cfg.init_optimizer_state:
+    state = jax.jit(step.restart_state, out_shardings=state_shardings, donate_argnums=(0,))(init_state)
+    log(f"initialised parameters and optimizer moments from {cfg.init_from}")
   elif cfg.init_from:
     state = jax.jit(lambda p: step.init_state(p, tx), out_shardings=state_shardings)(init_params)
     log(f"initialised parameters from {cfg.init_from}")
@@ -136,6 +141,8 @@ def _loop(experiment, state, train_step, data_iter, checkpoints, batch_sharding,
     if progress is not None:
       progress.close()
     stop.restore()
+  if stop.requested:
+    last = dict(last, stopped_early=True)
   log(f"checkpoints in {checkpoints.directory}; metrics in {pathlib.Path(cfg.workdir) / 'metrics.jsonl'} and "
       f"{pathlib.Path(cfg.workdir) / 'tensorboard'}")
   return last
