@@ -45,7 +45,7 @@ def batch(vocab: int, seed: int = 0) -> dict[str, np.ndarray]:
 
 
 def ours(config, steps: int) -> float:
-  train = schema.parse(TrainConfig, {"steps": 1000, "loss_chunk": SEQ,
+  train = schema.parse(TrainConfig, {"steps": 1000,
                                      "optimizer": schema.to_dict(OptimizerConfig(warmup_steps=10))}, "bench")
   graphdef, params = nnx.split(models.build(config))
   tx = optimizer.make_optimizer(train.optimizer, train.steps, params)

@@ -1,6 +1,6 @@
 """`pretrain`: the command line.
 
-  pretrain train [--config=FILE[:ARG]] [--config.a.b=V ...]
+  pretrain train [--config=FILE[:ARG]] [--config.a.b=V ...] [--coordinator=HOST:PORT --num_processes=N --process_id=I]
   pretrain describe [--config=FILE[:ARG]] [--config.a.b=V ...] [--json]
   pretrain convert --from-hf HF_DIR --to-orbax CKPT_DIR
   pretrain convert --from-orbax CKPT_DIR --to-hf HF_DIR [--dtype=bfloat16]
@@ -8,6 +8,10 @@
   pretrain prepare [--config=FILE[:ARG]] [--workers=N] [--overwrite-mismatch]
   pretrain prepare --input PATH [--input PATH ...] --domain code --tokenizer TOK --out DIR
   pretrain tokenizer train [--config=FILE[:ARG]] [--input PATH ...] --out DIR --vocab-size N
+  pretrain eval niah --checkpoint=CKPT --lengths=1k,2k,4k [--depths=0,0.25,0.5,0.75,1] [--trials=5] [--out=DIR]
+  pretrain eval ppl --checkpoint=CKPT --mixture=FILE[:ARG] [--max-documents=100] [--buckets=1k,4k,16k] [--out=DIR]
+  pretrain plan [--config=FILE[:ARG]] [--mesh=data=1,fsdp=64,expert=8 | --devices=N] [--accelerator=h100]
+                [--utilization=0.4] [--json] [--xla]
 
 Each subcommand takes its own flags; `--config` and `--config.*` go to ml-collections.
 Errors in input (a config key, a file, a tensor) print one clear line and exit 2.
@@ -42,13 +46,17 @@ def _split_config_flags(argv: Sequence[str]) -> tuple[list[str], list[str]]:
 
 def cmd_train(args: argparse.Namespace, config_flags: list[str]) -> None:
   from pretrain import config as config_lib
-  from pretrain.train import stages, trainer
+  from pretrain.train import distributed, stages, trainer
 
+  # Joined before anything touches a device: every process of a pod runs this same command.
+  group = distributed.resolve(args.coordinator, args.num_processes, args.process_id)
+  distributed.initialize(group, peer_timeout=args.peer_timeout)
   _, experiment = config_lib.load(config_flags)
+  log = print if distributed.is_main_process() else (lambda *_: None)
   if experiment.stages:
-    stages.run(experiment)
+    stages.run(experiment, log=log)
   else:
-    trainer.train(experiment)
+    trainer.train(experiment, log=log)
 
 
 def cmd_describe(args: argparse.Namespace, config_flags: list[str]) -> None:
@@ -153,11 +161,133 @@ def cmd_tokenizer(args: argparse.Namespace, config_flags: list[str]) -> None:
   print(f"wrote {path}")
 
 
+def cmd_eval(args: argparse.Namespace, config_flags: list[str]) -> None:
+  import pathlib
+
+  from pretrain.eval import load, niah, ppl
+
+  if config_flags:
+    raise ConfigError("--config", "eval reads the model from --checkpoint; drop --config")
+  required = ["--checkpoint"] + (["--lengths"] if args.eval_command == "niah" else ["--mixture"])
+  for flag in required:
+    if not getattr(args, flag[2:]):
+      raise ConfigError(flag, f"required by `pretrain eval {args.eval_command}`")
+  # Every flag is checked before the checkpoint is read.
+  if args.eval_command == "niah":
+    lengths, depths = niah.parse_lengths(args.lengths), niah.parse_depths(args.depths)
+  else:
+    buckets = ppl.parse_buckets(args.buckets)
+  source = load.resolve(args.checkpoint, args.tokenizer)
+  out_dir = pathlib.Path(args.out) if args.out else load.default_out_dir(source)
+  if out_dir.exists() and not out_dir.is_dir():
+    raise ConfigError("--out", f"{out_dir} exists and is not a directory")
+  if args.eval_command == "niah":
+    result = niah.run(source, lengths=lengths, depths=depths, trials=args.trials, seed=args.seed,
+                      haystack=args.haystack, batch_tokens=args.batch_tokens)
+    json_path, png_path = niah.write(result, out_dir)
+    print(f"wrote {json_path} and {png_path}")
+  else:
+    result = ppl.run(source, mixture=args.mixture, max_documents=args.max_documents, max_length=args.max_length,
+                     buckets=buckets, seed=args.seed, batch_tokens=args.batch_tokens)
+    print(f"wrote {ppl.write(result, out_dir)}")
+
+
+def _add_eval_parser(sub) -> None:
+  p = sub.add_parser("eval", help="evaluate a checkpoint: needle-in-a-haystack retrieval, perplexity")
+  eval_sub = p.add_subparsers(dest="eval_command", required=True)
+  e_niah = eval_sub.add_parser("niah", help="passkey retrieval over context lengths x needle depths -> niah.json, "
+                               "niah.png")
+  e_ppl = eval_sub.add_parser("ppl", help="perplexity per mixture component and domain, and by length -> ppl.json")
+  for e in (e_niah, e_ppl):
+    e.add_argument("--checkpoint", metavar="CKPT", help="a Hugging Face directory, an Orbax model checkpoint, a "
+                   "training work directory or a staged recipe's (its latest finished stage)")
+    e.add_argument("--tokenizer", metavar="PATH", help="tokenizer.model / tokenizer.json (default: the run's, or "
+                   "the one in the checkpoint directory)")
+    e.add_argument("--out", metavar="DIR", help="output directory (default: <workdir>/eval for a training run, "
+                   "./eval/<checkpoint name> otherwise)")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--batch-tokens", type=int, default=16384, help="tokens per forward pass (default 16384; "
+                   "at least one sequence)")
+  e_niah.add_argument("--lengths", help="context lengths in tokens, k = 1024, e.g. 1k,2k,4k,8k")
+  e_niah.add_argument("--depths", default="0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1",
+                      help="needle depths as fractions of the haystack (default 0,0.1,...,1)")
+  e_niah.add_argument("--trials", type=int, default=5, help="passkeys per cell (default 5)")
+  e_niah.add_argument("--haystack", default=None, metavar="FILE[:ARG]",
+                      help="a mixture file whose text-domain documents fill the haystack (default: the built-in "
+                      "corpus, data_mixtures/builtin.py)")
+  e_ppl.add_argument("--mixture", metavar="FILE[:ARG]", help="a mixture file of held-out documents")
+  e_ppl.add_argument("--max-documents", type=int, default=100, help="documents per component (default 100)")
+  e_ppl.add_argument("--max-length", type=int, default=None, help="tokens per document before it is cut "
+                     "(default: the model's max_position_embeddings)")
+  e_ppl.add_argument("--buckets", default="1k,4k,16k,64k", help="length bucket edges in tokens (default "
+                     "1k,4k,16k,64k)")
+
+
+def cmd_plan(args: argparse.Namespace, config_flags: list[str]) -> None:
+  from pretrain import config as config_lib
+  from pretrain.train import memory_plan, mesh_search
+
+  _, experiment = config_lib.load(config_flags)
+  accel = memory_plan.accelerator(args.accelerator)
+  if args.devices is not None and args.devices < 1:
+    raise ConfigError("--devices", f"must be >= 1, got {args.devices}")
+  if args.xla:  # the real step compiled on this process's devices, beside the estimate for them
+    results = [(name, *memory_plan.compare_with_xla(stage)) for name, stage in memory_plan.stages(experiment)]
+    if args.json:
+      print(json.dumps([dict(p.to_dict(), stage=name, xla_total=xla) for name, p, xla in results], indent=2))
+      return
+    for name, p, xla in results:
+      print(f"{name or 'step'}: estimate {p.total / 2**20:,.1f} MiB per device, XLA {xla / 2**20:,.1f} MiB "
+            f"(ratio {p.total / xla:.3f}; peak at {p.peak_at})")
+    return
+  mesh = memory_plan.resolve_mesh(memory_plan.parse_mesh(args.mesh), args.devices) if args.mesh else None
+  plans = []
+  for name, stage in memory_plan.stages(experiment):
+    try:
+      if mesh is None and args.devices:
+        plans.append(mesh_search.suggest(stage, args.devices, accel, utilization=args.utilization, stage=name))
+      else:  # --mesh, else the config's own mesh with a -1 axis one device wide
+        sizes = mesh or memory_plan.resolve_mesh(dataclasses.asdict(stage.train.mesh), None, key="config.train.mesh")
+        plans.append(memory_plan.plan(stage, sizes, accel, utilization=args.utilization, stage=name))
+    except ConfigError as e:
+      raise ConfigError(f"stage {name}: {e.key}" if name else e.key, str(e)[len(e.key) + 2:]) from None
+  if args.json:
+    print(json.dumps([p.to_dict() for p in plans], indent=2))
+    return
+  print(f"{accel.name}: {accel.memory_bytes / memory_plan.GIB:.0f} GiB, {accel.peak_flops / 1e12:.0f} TFLOP/s bf16 "
+        f"per chip; step time at {args.utilization:.0%} of peak; sizes per device at the step's peak")
+  print(memory_plan.table(plans))
+
+
+def _add_plan_parser(sub) -> None:
+  p = sub.add_parser("plan", help="per-device memory, step time and MFU of a config on a mesh of accelerators; "
+                     "with --devices, a mesh that fits")
+  p.add_argument("--mesh", help="mesh axis sizes, e.g. data=1,fsdp=64,expert=8 (unnamed axes 1, one may be -1 "
+                 "with --devices); default: the config's mesh")
+  p.add_argument("--devices", type=int, help="without --mesh: search the meshes (and micro-batch counts) of this "
+                 "many devices for the one that fits with the least communication")
+  p.add_argument("--accelerator", default="h100", help="one of: v4, v5e, v5p, v6e, a100-40gb, a100-80gb, h100, "
+                 "h200 (default h100)")
+  p.add_argument("--utilization", type=float, default=0.4,
+                 help="fraction of the chips' peak FLOP/s sustained, for the step time (default 0.4)")
+  p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+  p.add_argument("--xla", action="store_true", help="instead: compile the real step on this process's devices "
+                 "(the config's mesh) and print the estimate for them beside XLA's memory analysis (small configs)")
+
+
 def _parser() -> tuple[argparse.ArgumentParser, dict[str, Callable]]:
   parser = argparse.ArgumentParser(prog="pretrain", description=__doc__.split("\n")[0])
   sub = parser.add_subparsers(dest="command", required=True)
-  sub.add_parser("train", help="continued pretraining: the config's model on its data (default: the built-in "
-                 "tiny DeepSeek-V2-style model on the built-in corpus)")
+  p = sub.add_parser("train", help="continued pretraining: the config's model on its data (default: the built-in "
+                     "tiny DeepSeek-V2-style model on the built-in corpus)")
+  p.add_argument("--coordinator", metavar="HOST:PORT", help="multi-process run: process 0's address (every "
+                 "process the same), or 'auto' for JAX's cluster detection; default: $PRETRAIN_COORDINATOR, then "
+                 "SLURM / Cloud TPU detection, else one process")
+  p.add_argument("--num_processes", type=int, help="multi-process run: how many processes in all")
+  p.add_argument("--process_id", type=int, help="multi-process run: this process's index, 0..num_processes-1")
+  p.add_argument("--peer_timeout", type=int, default=None, metavar="SECONDS",
+                 help="how long to wait for the other processes at start-up, and to notice a lost one "
+                 "(default: $PRETRAIN_PEER_TIMEOUT or 300)")
   p = sub.add_parser("describe", help="print total and active parameter counts of a config's model")
   p.add_argument("--json", action="store_true", help="print JSON instead of a table")
   p = sub.add_parser("convert", help="convert between Hugging Face and Orbax checkpoints")
@@ -188,8 +318,11 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, Callable]]:
   t.add_argument("--text-field", default="text")
   t.add_argument("--out", required=True, metavar="DIR")
   t.add_argument("--vocab-size", type=int, required=True)
+  _add_eval_parser(sub)
+  _add_plan_parser(sub)
   return parser, {"train": cmd_train, "describe": cmd_describe, "convert": cmd_convert, "parity": cmd_parity, "prepare": cmd_prepare,
-                  "tokenizer": cmd_tokenizer}
+                  "tokenizer": cmd_tokenizer, "eval": cmd_eval,
+                  "plan": cmd_plan}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

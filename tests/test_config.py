@@ -46,7 +46,7 @@ def test_optional_fields_can_be_set_and_cleared():
 
 
 @pytest.mark.parametrize("flags, key, words", [
-    (["--config.model.hidden_sise=8"], "config.model.hidden_sise", "allowed keys: aux_loss_alpha"),
+    (["--config.model.hidden_sise=8"], "config.model.hidden_sise", "allowed keys: attention_implementation, aux_loss_alpha"),
     (["--config.modle.x=1"], "config.modle", "allowed keys: data, model, seed"),
     (["--config.model.hidden_size=abc"], "config.model.hidden_size", "expected int"),
     (["--config.model.hidden_size=1.5"], "config.model.hidden_size", "expected int"),

@@ -307,3 +307,15 @@ def test_save_orbax_refuses_a_non_empty_directory(tmp_path):
   with pytest.raises(convert.ConversionError, match="already exists"):
     convert.save_orbax(model, tmp_path / "ckpt")
   assert (tmp_path / "ckpt" / "keep.txt").read_text() == "x"
+
+
+def test_deepseek_v2_yarn_logits_on_a_4k_token_input(tiny_deepseek_v2_hf, tmp_path):
+  """Long-context YaRN at the recipe's settings (s 40, alpha 1, beta 32) on 4096 tokens, 1K original context."""
+  yarn = {"type": "yarn", "factor": 40.0, "original_max_position_embeddings": 1024, "beta_fast": 32, "beta_slow": 1,
+          "mscale": 0.707, "mscale_all_dim": 0.707}
+  hf_model = tiny_deepseek_v2_hf(rope_scaling=yarn, max_position_embeddings=40960)
+  hf_model.save_pretrained(tmp_path)
+  ids = _input_ids(hf_model.config.vocab_size, seq=4096)[:1]
+  diff = np.abs(_our_logits(convert.load_hf(tmp_path), ids) - _hf_logits(hf_model, ids)).max()
+  print(f"\ndeepseek_v2 seq 4096 yarn s=40: max |logit diff| {diff:.2e}")
+  assert diff <= TOLERANCE

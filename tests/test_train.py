@@ -52,7 +52,7 @@ def final_params(workdir: pathlib.Path, exp) -> dict:
   tx = optimizer.make_optimizer(exp.train.optimizer, exp.train.steps, params)
   target = jax.eval_shape(lambda p: step.init_state(p, tx), params)
   checkpoints = checkpoint.Checkpoints(workdir, exp.train)
-  state, _ = checkpoints.restore(checkpoints.latest_step(), target)
+  state = checkpoints.restore(checkpoints.latest_step(), target)
   checkpoints.close()
   return {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(state["params"])}
 

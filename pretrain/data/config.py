@@ -78,8 +78,17 @@ class DataConfig:
   add_bos: bool = True
   skip_corrupt_records: bool = False
   seed: int = 0
+  # Independent input streams the global batch is drawn from (each a disjoint share of the documents,
+  # giving a contiguous block of global_batch_size / streams rows). None: one per process. Fix it to
+  # keep the data order the same when the process count changes (a multiple of it, dividing the batch).
+  streams: int | None = None
 
   def validate(self, key: str) -> None:
+    if self.streams is not None and self.streams < 1:
+      raise ConfigError(f"{key}.streams", f"must be >= 1, got {self.streams}")
+    if self.streams is not None and self.global_batch_size % self.streams:
+      raise ConfigError(f"{key}.streams", f"{self.streams} streams do not divide global_batch_size "
+                        f"{self.global_batch_size}")
     if self.seq_len < 2:
       raise ConfigError(f"{key}.seq_len", f"must be >= 2, got {self.seq_len}")
     if self.global_batch_size < 1:

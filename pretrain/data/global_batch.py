@@ -11,6 +11,8 @@ import numpy as np
 from jax.sharding import NamedSharding
 
 
-def to_global(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
-  """`sharding` splits the leading (batch) dimension, e.g. NamedSharding(mesh, PartitionSpec(batch_axes))."""
-  return {name: jax.make_array_from_process_local_data(sharding, local) for name, local in batch.items()}
+def to_global(batch: dict[str, np.ndarray], sharding: NamedSharding | dict[str, NamedSharding]) -> dict[str, jax.Array]:
+  """`sharding` (one for all arrays, or one per array name) splits the leading (batch) dimension, e.g.
+  NamedSharding(mesh, PartitionSpec(batch_axes)), and may split the sequence dimension too."""
+  by_name = sharding if isinstance(sharding, dict) else dict.fromkeys(batch, sharding)
+  return {name: jax.make_array_from_process_local_data(by_name[name], local) for name, local in batch.items()}

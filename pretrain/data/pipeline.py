@@ -2,14 +2,16 @@
 
 Per mixture component:
   documents (ArrayRecord shards of `pretrain prepare`, at least `min_length` tokens)
-  -> this process's slice (every `process_count`-th document from `process_index`)
+  -> one stream's slice (every `streams`-th document from the stream's index)
   -> global shuffle, reshuffled every epoch, repeated forever
   -> BOS + document (fill-in-the-middle on `fim_rate` of them) + EOS
   -> packed into rows of `seq_len` (packing.py)
 Then the components' rows are interleaved by weight (Grain's deterministic mix: the
 token proportions equal the weights, since every row holds `seq_len` tokens) and batched
-into this process's share of the global batch. Everything random is seeded from
-`DataConfig.seed`, so the stream is a pure function of the config, and the iterator's
+into the stream's share of the global batch. A process reads its own streams (by default
+one; `DataConfig.streams` fixes their number so the global batch is the same whatever the
+process count) and concatenates their rows. Everything random is seeded from
+`DataConfig.seed`, so the data is a pure function of the config, and the iterator's
 state (`get_state` / `set_state`) restores it exactly.
 """
 
@@ -86,16 +88,16 @@ class MakeExample:
     return np.concatenate(parts).astype(np.int32)
 
 
-def component_rows(config: DataConfig, component: Component, index: int, tokenizer, *, process_index: int,
-                   process_count: int, num_epochs: int | None = None) -> grain.IterDataset:
-  """One component's packed rows for this process; forever unless `num_epochs` is given."""
+def component_rows(config: DataConfig, component: Component, index: int, tokenizer, *, stream: int,
+                   streams: int, num_epochs: int | None = None) -> grain.IterDataset:
+  """One component's packed rows for one input stream; forever unless `num_epochs` is given."""
   paths = shard_paths(config.prepared_dir, component)
   selected = select_documents(paths, component, skip_corrupt=config.skip_corrupt_records)
-  if len(selected) < process_count:
+  if len(selected) < streams:
     raise ConfigError(f"mixture component {component.name!r}",
                       f"only {len(selected)} documents have at least {component.min_length} tokens; "
-                      f"need one per process ({process_count})")
-  source = DocumentSource(paths, selected[process_index::process_count])
+                      f"need one per input stream ({streams})")
+  source = DocumentSource(paths, selected[stream::streams])
   example = MakeExample(tokenizer, component.fim_rate, component.fim_spm_rate, config.add_bos)
   shuffle_seed, example_seed = _seeds(config.seed, index)
   documents = (grain.MapDataset.source(source)
@@ -113,18 +115,37 @@ def build(config: DataConfig, mixture: Mixture, tokenizer, *, process_index: int
   Endless by default (training); with `num_epochs` the stream ends once a component has been read that
   many times (evaluation), and its last batch may hold fewer rows.
   """
-  if config.global_batch_size % process_count:
+  streams = config.streams or process_count
+  if streams % process_count:
+    raise ConfigError("config.data.streams", f"{streams} streams do not split over {process_count} processes")
+  if config.global_batch_size % streams:
     raise ConfigError("config.data.global_batch_size",
-                      f"{config.global_batch_size} does not divide evenly over {process_count} processes")
+                      f"{config.global_batch_size} does not divide evenly over {streams} input streams")
   if any(c.fim_rate > 0 for c in mixture.components):
     tokenizer.require_fim()  # a tokenizer without the sentinels is an error before any data is read
   mixture = mixture.with_overrides(config.weights, config.min_length)
+  per_process = streams // process_count
+  batches = [_stream_batches(config, mixture, tokenizer, stream, streams, num_epochs)
+             for stream in range(process_index * per_process, (process_index + 1) * per_process)]
+  if len(batches) == 1:
+    return batches[0]
+  # Rows of this process's streams side by side, in stream order: the global batch's row blocks.
+  return grain.experimental.ZipIterDataset(batches, strict=num_epochs is None).map(_concatenate_rows)
+
+
+def _stream_batches(config: DataConfig, mixture: Mixture, tokenizer, stream: int, streams: int,
+                    num_epochs: int | None) -> grain.IterDataset:
+  """One stream's batches of global_batch_size / streams rows: its components' rows mixed by weight."""
   active = [(i, c) for i, c in enumerate(mixture.components) if c.weight > 0]
-  rows = [component_rows(config, c, i, tokenizer, process_index=process_index, process_count=process_count,
+  rows = [component_rows(config, c, i, tokenizer, stream=stream, streams=streams,
                          num_epochs=num_epochs)
           for i, c in active]
   mixed = grain.IterDataset.mix(rows, [c.weight for _, c in active]) if len(rows) > 1 else rows[0]
-  return mixed.batch(config.global_batch_size // process_count, drop_remainder=num_epochs is None)
+  return mixed.batch(config.global_batch_size // streams, drop_remainder=num_epochs is None)
+
+
+def _concatenate_rows(batches: tuple[dict[str, np.ndarray], ...]) -> dict[str, np.ndarray]:
+  return {name: np.concatenate([batch[name] for batch in batches]) for name in batches[0]}
 
 
 def _seeds(seed: int, component: int) -> tuple[int, int]:

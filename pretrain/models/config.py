@@ -58,6 +58,8 @@ class Qwen2Config:
   rms_norm_eps: float = 1e-6
   tie_word_embeddings: bool = False
   max_position_embeddings: int = 32768
+  # How attention computes (pretrain/models/attention.py); not part of the checkpoint.
+  attention_implementation: Literal["auto", "reference", "blockwise"] = "auto"
   bos_token_id: int | None = None
   eos_token_id: int | None = None
   initializer_range: float = 0.02
@@ -114,6 +116,8 @@ class DeepseekV2Config:
   seq_aux: bool = True
   # How routed experts compute (pretrain/models/grouped_experts.py); not part of the checkpoint.
   moe_implementation: Literal["auto", "ragged_dot", "blocked"] = "auto"
+  # How attention computes (pretrain/models/attention.py); not part of the checkpoint.
+  attention_implementation: Literal["auto", "reference", "blockwise"] = "auto"
   # positions and the rest
   rope_theta: float = 10000.0
   rope_scaling: RopeScaling = dataclasses.field(default_factory=RopeScaling)

@@ -14,6 +14,7 @@ from flax import nnx
 from pretrain.models import attention, layers, moe, rope
 from pretrain.models.causal_lm import CausalLM
 from pretrain.models.config import DeepseekV2Config
+from pretrain.models.context_parallel import ContextParallel
 
 
 # DeepSeek's code (and transformers) build the q/kv latent norms with the RMSNorm default eps,
@@ -37,6 +38,7 @@ class MLAttention(nnx.Module):
     self.kv_b_proj = layers.param(rngs, (config.kv_lora_rank, n, nope + config.v_head_dim),
                                   ("kv_lora", "heads", "head_dim"), std)
     self.o_proj = layers.param(rngs, (n, config.v_head_dim, d), ("heads", "head_dim", "embed"), std)
+    self.context_parallel: ContextParallel | None = None  # set by the trainer when the sequence is split
 
   def __call__(self, x_BxSxD, positions_BxS, segment_ids_BxS):
     c = self.config
@@ -61,9 +63,10 @@ class MLAttention(nnx.Module):
 
     q_BxSxNxK = jnp.concatenate([q_nope, q_rope], axis=-1)
     k_BxSxNxK = jnp.concatenate([k_nope, jnp.broadcast_to(k_rope_BxSx1xR, q_rope.shape)], axis=-1)
-    out_BxSxNxV = attention.dot_product_attention(
+    out_BxSxNxV = attention.attend(
         q_BxSxNxK, k_BxSxNxK, v_BxSxNxV, scale=rope.softmax_scale(c.qk_head_dim, c.rope_scaling),
-        segment_ids_BxS=segment_ids_BxS)
+        segment_ids_BxS=segment_ids_BxS, implementation=c.attention_implementation,
+        context_parallel=self.context_parallel)
     return layers.einsum("BSNV,NVD->BSD", out_BxSxNxV, self.o_proj, dtype)
 
 

@@ -28,7 +28,7 @@ from pretrain.models import grouped_experts
 @dataclasses.dataclass(frozen=True)
 class ExpertParallel:
   mesh: Mesh
-  token_axes: tuple[str, ...]  # mesh axes the batch is split over
+  token_axes: tuple[str, ...]  # mesh axes the tokens are split over: the batch's, then the sequence's
   expert_axes: tuple[str, ...]  # mesh axes the experts are split over
   mlp_axes: tuple[str, ...] = ()  # mesh axes each expert's hidden dimension is split over (none of token_axes)
 

@@ -18,12 +18,17 @@ differ in how they lower ragged_dot there).
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
 IMPLEMENTATIONS = ("auto", "ragged_dot", "blocked")
 
 
+# Jitted on its own so an eager model call (tests, notebooks) compiles the sort/scan/unsort once per
+# shape instead of dispatching each op; inside a jitted step it is simply inlined.
+@functools.partial(jax.jit, static_argnames=("implementation",))
 def routed_swiglu(x_TxD, weights_TxK, experts_TxK, gate_ExDxF, up_ExDxF, down_ExFxD, implementation: str = "auto"):
   """sum_k weights[t, k] * expert_{experts[t, k]}(x[t]) -> [T, D].
 

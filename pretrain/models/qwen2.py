@@ -7,6 +7,7 @@ from flax import nnx
 from pretrain.models import attention, layers, rope
 from pretrain.models.causal_lm import CausalLM
 from pretrain.models.config import Qwen2Config
+from pretrain.models.context_parallel import ContextParallel
 
 
 class Qwen2Attention(nnx.Module):
@@ -21,6 +22,7 @@ class Qwen2Attention(nnx.Module):
     self.v_bias = layers.zeros((m, h), ("kv_heads", "head_dim"))
     self.o_proj = layers.param(rngs, (n, h, d), ("heads", "head_dim", "embed"), std)
     self.config = config
+    self.context_parallel: ContextParallel | None = None  # set by the trainer when the sequence is split
 
   def __call__(self, x_BxSxD, positions_BxS, segment_ids_BxS):
     dtype = x_BxSxD.dtype
@@ -31,8 +33,10 @@ class Qwen2Attention(nnx.Module):
     cos, sin = rope.cos_sin(positions_BxS, rope.inverse_frequencies(head_dim, self.config.rope_theta))
     q_BxSxNxH = rope.apply_rotate_half(q_BxSxNxH, cos, sin)
     k_BxSxMxH = rope.apply_rotate_half(k_BxSxMxH, cos, sin)
-    out_BxSxNxH = attention.dot_product_attention(q_BxSxNxH, k_BxSxMxH, v_BxSxMxH, scale=head_dim**-0.5,
-                                                  segment_ids_BxS=segment_ids_BxS)
+    out_BxSxNxH = attention.attend(q_BxSxNxH, k_BxSxMxH, v_BxSxMxH, scale=head_dim**-0.5,
+                                   segment_ids_BxS=segment_ids_BxS,
+                                   implementation=self.config.attention_implementation,
+                                   context_parallel=self.context_parallel)
     return layers.einsum("BSNH,NHD->BSD", out_BxSxNxH, self.o_proj, dtype)
 
 

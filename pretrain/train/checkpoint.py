@@ -2,7 +2,7 @@
 
 A checkpoint holds two items: `state` (parameters, optimizer state, step, the bad-update
 guard; sharded arrays, saved asynchronously) and `data` (the input pipeline's iterator
-state, JSON). Orbax writes each step into a temporary directory and renames it when
+state, JSON, one file per process). Orbax writes each step into a temporary directory and renames it when
 complete, so a run killed at any moment, mid-save included, resumes from the last whole
 checkpoint. Restoring takes the target's shardings, so a checkpoint restores onto any
 mesh or device count.
@@ -17,6 +17,7 @@ from __future__ import annotations
 import pathlib
 from typing import Any
 
+import grain
 import jax
 import orbax.checkpoint as ocp
 from flax import nnx
@@ -39,15 +40,21 @@ class Checkpoints:
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
-  def save(self, step: int, state: dict[str, Any], data_state: dict[str, Any]) -> None:
-    """Starts an asynchronous save; the next save (or `wait`) waits for it."""
+  def save(self, step: int, state: dict[str, Any], data_iter: grain.DatasetIterator) -> None:
+    """Starts an asynchronous save of `state`; the next save (or `wait`) waits for it. The data
+    iterator's position is taken now, one file per process (Grain's handler), so each process of
+    a pod resumes its own input streams."""
     self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                    data=ocp.args.JsonSave(data_state)), force=True)
+                                                    data=grain.checkpoint.CheckpointSave(data_iter)), force=True)
 
-  def restore(self, step: int, abstract_state: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    restored = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
-    return restored["state"], restored["data"]
+  def restore(self, step: int, abstract_state: dict[str, Any],
+              data_iter: grain.DatasetIterator | None = None) -> dict[str, Any]:
+    """The state of checkpoint `step`, on the abstract state's shardings; `data_iter` (if given) is
+    moved to where that step left it."""
+    items = {"state": ocp.args.StandardRestore(abstract_state)}
+    if data_iter is not None:
+      items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+    return self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
 
   def wait(self) -> None:
     self.manager.wait_until_finished()

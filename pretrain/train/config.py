@@ -40,6 +40,7 @@ class MeshConfig:
 
   data: int = -1
   fsdp: int = 1
+  context: int = 1  # splits each row's tokens (context parallelism, ring attention; seq_len % (2 * context) == 0)
   tensor: int = 1
   expert: int = 1
 
@@ -47,6 +48,7 @@ class MeshConfig:
 # Logical parameter/activation axis -> mesh axes. One table: changing the parallelism plan is a config change.
 DEFAULT_AXIS_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("batch", ("data", "fsdp", "expert")),
+    ("sequence", ("context",)),  # the tokens of a row (activations only)
     ("vocab", ("tensor",)),
     ("embed", ("fsdp",)),
     ("heads", ("tensor",)),

@@ -3,7 +3,9 @@
 Models name their parameter axes logically (vocab, embed, heads, mlp, expert, ...);
 `TrainConfig.axis_rules` maps each logical name to mesh axes. A dimension whose size
 the mesh axes do not divide is replicated instead (a tiny vocab over 8 devices, say),
-so one table serves every model size.
+so one table serves every model size. Batch arrays are split by the `batch` rule (rows)
+and `sequence` rule (the tokens of a row: context parallelism); the `plan_*` functions
+tell the layers that compute across devices (routed experts, attention) how.
 """
 
 from __future__ import annotations
@@ -16,11 +18,12 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from pretrain.models import expert_parallel, moe
+from pretrain.models import context_parallel, expert_parallel, moe
 from pretrain.schema import ConfigError
 from pretrain.train.config import MeshConfig
 
-MESH_AXES = ("data", "fsdp", "tensor", "expert")
+# Major to minor: the axes that communicate most often (context's ring, tensor, expert) on the nearest devices.
+MESH_AXES = ("data", "fsdp", "context", "tensor", "expert")
 AxisRules = Sequence[tuple[str, Sequence[str]]]
 
 
@@ -75,12 +78,47 @@ def param_shardings(abstract_params: nnx.State, mesh: Mesh, rules: AxisRules) ->
 
 def batch_axes(mesh: Mesh, rules: AxisRules) -> tuple[str, ...]:
   """The mesh axes the batch dimension is split over (the 'batch' rule)."""
-  return tuple(a for a in dict((n, tuple(a)) for n, a in rules).get("batch", ()) if a in mesh.shape)
+  return tuple(a for a in _rule(rules, "batch") if a in mesh.shape)
+
+
+def sequence_axes(mesh: Mesh, rules: AxisRules) -> tuple[str, ...]:
+  """The mesh axes (of more than one device) a row's tokens are split over (the 'sequence' rule)."""
+  rows = batch_axes(mesh, rules)
+  return tuple(a for a in _rule(rules, "sequence") if a in mesh.shape and mesh.shape[a] > 1 and a not in rows)
+
+
+def context_ways(mesh: Mesh, rules: AxisRules) -> int:
+  """Devices a row's tokens are split over: 1 without context parallelism."""
+  return math.prod(mesh.shape[a] for a in sequence_axes(mesh, rules))
+
+
+def batch_sharding(mesh: Mesh, rules: AxisRules, ndim: int) -> NamedSharding:
+  """Where a batch array lives: rows over the batch axes, and a [B, S] array's tokens over the sequence axes."""
+  spec = (batch_axes(mesh, rules),) + ((sequence_axes(mesh, rules) or None,) if ndim > 1 else ())
+  return NamedSharding(mesh, PartitionSpec(*spec))
+
+
+def plan_context_parallelism(model: nnx.Module, mesh: Mesh, rules: AxisRules) -> None:
+  """Sets each attention layer's `context_parallel` where the rules split the sequence over the mesh.
+
+  The trainer then feeds rows in zigzag order (context_parallel.to_zigzag).
+  """
+  seq = sequence_axes(mesh, rules)
+  parallel = None
+  if seq:
+    heads = tuple(a for a in _rule(rules, "heads")
+                  if a in mesh.shape and mesh.shape[a] > 1 and a not in seq + batch_axes(mesh, rules))
+    parallel = context_parallel.ContextParallel(mesh, batch_axes(mesh, rules), seq, heads)
+  for _, module in nnx.iter_modules(model):
+    if hasattr(module, "context_parallel"):  # the attention layers of every model family
+      module.context_parallel = parallel
 
 
 def plan_expert_parallelism(model: nnx.Module, mesh: Mesh, rules: AxisRules) -> None:
   """Sets each routed-expert layer's `parallel` where the rules split its experts over the mesh."""
-  tokens = batch_axes(mesh, rules)
+  # The MoE layer flattens [B, S] to tokens B-major, so with a split sequence its tokens are split
+  # over the batch axes, then the sequence axes.
+  tokens = batch_axes(mesh, rules) + sequence_axes(mesh, rules)
   for _, module in nnx.iter_modules(model):
     if not isinstance(module, moe.RoutedExperts):
       continue
@@ -89,6 +127,10 @@ def plan_expert_parallelism(model: nnx.Module, mesh: Mesh, rules: AxisRules) -> 
     expert_axes = _axes(expert_spec)
     mlp_axes = tuple(a for a in _axes(mlp_spec) if a not in tokens)
     module.parallel = expert_parallel.ExpertParallel(mesh, tokens, expert_axes, mlp_axes) if expert_axes else None
+
+
+def _rule(rules: AxisRules, name: str) -> tuple[str, ...]:
+  return {n: tuple(axes) for n, axes in rules}.get(name, ())
 
 
 def _axes(spec_entry) -> tuple[str, ...]:

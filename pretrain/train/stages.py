@@ -18,7 +18,7 @@ from typing import Any
 
 from pretrain.config import ExperimentConfig
 from pretrain.schema import ConfigError
-from pretrain.train import trainer
+from pretrain.train import distributed, trainer
 
 DONE_FILE = "STAGE_DONE"
 
@@ -64,7 +64,9 @@ def run(experiment: ExperimentConfig, *, log=print) -> dict[str, Any]:
     last = trainer.train(stage_experiment, log=log)
     if last.get("stopped_early"):
       return last  # SIGTERM: the stage saved its step; the same command continues it
-    tmp = done.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"stage": name, "steps": stage_experiment.train.steps}) + "\n")
-    tmp.replace(done)
+    if distributed.is_main_process():  # the work directory is shared by all processes of a pod
+      tmp = done.with_suffix(".tmp")
+      tmp.write_text(json.dumps({"stage": name, "steps": stage_experiment.train.steps}) + "\n")
+      tmp.replace(done)
+    distributed.barrier(f"stage {name} done")
   return last

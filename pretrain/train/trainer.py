@@ -27,8 +27,9 @@ from jax.sharding import NamedSharding, PartitionSpec
 from pretrain import models, schema
 from pretrain.config import ExperimentConfig
 from pretrain.data import global_batch, pipeline, workspace
+from pretrain.models import context_parallel
 from pretrain.schema import ConfigError
-from pretrain.train import checkpoint, flops, metrics, optimizer, sharding, step
+from pretrain.train import checkpoint, distributed, flops, metrics, optimizer, sharding, step
 from pretrain.train.config import TrainConfig
 
 EXPERIMENT_FILE = "experiment.json"
@@ -53,6 +54,10 @@ def train(experiment: ExperimentConfig, *, log=print) -> dict[str, Any]:
                      (jax.process_count(), f"{jax.process_count()} processes")):
     if data.global_batch_size % ways:
       raise ConfigError("config.data.global_batch_size", f"{data.global_batch_size} does not split into {what}")
+  context_ways = sharding.context_ways(mesh, cfg.axis_rules)
+  if data.seq_len % (2 * context_ways):  # zigzag: each context device holds 2 of 2n equal chunks of a row
+    raise ConfigError("config.data.seq_len", f"{data.seq_len} does not split into 2 x {context_ways} equal "
+                      f"chunks, as context parallelism over config.train.mesh.context={context_ways} needs")
   if cfg.init_from and not pathlib.Path(cfg.init_from).expanduser().exists():
     raise ConfigError("config.train.init_from", f"{cfg.init_from} does not exist")
 
@@ -60,6 +65,7 @@ def train(experiment: ExperimentConfig, *, log=print) -> dict[str, Any]:
   abstract_model = models.build_abstract(model_config)
   abstract_model.remat = cfg.remat
   sharding.plan_expert_parallelism(abstract_model, mesh, cfg.axis_rules)
+  sharding.plan_context_parallelism(abstract_model, mesh, cfg.axis_rules)
   graphdef, abstract_params = nnx.split(abstract_model)
   param_shardings = sharding.param_shardings(abstract_params, mesh, cfg.axis_rules)
   tx = optimizer.make_optimizer(cfg.optimizer, cfg.steps, abstract_params)
@@ -68,8 +74,12 @@ def train(experiment: ExperimentConfig, *, log=print) -> dict[str, Any]:
   abstract_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), unplaced_state,
                                 state_shardings)
 
-  # 3. Data: prepared on first use (the built-in default), then this process's share.
-  mixture, tokenizer, _ = workspace.ensure_prepared(data, log=log)
+  # 3. Data: prepared on first use (the built-in default; by process 0, the others wait and then read
+  # the finished shards), then this process's share.
+  if distributed.is_main_process():
+    workspace.ensure_prepared(data, log=log)
+  distributed.barrier("data prepared")
+  mixture, tokenizer, _ = workspace.ensure_prepared(data, log=lambda *_: None)
   if tokenizer.vocab_size > model_config.vocab_size:
     raise ConfigError("config.model.vocab_size", f"{model_config.vocab_size} is smaller than the tokenizer's "
                       f"{tokenizer.vocab_size} tokens ({tokenizer.path})")
@@ -86,8 +96,7 @@ def train(experiment: ExperimentConfig, *, log=print) -> dict[str, Any]:
   checkpoints = checkpoint.Checkpoints(workdir, cfg)
   if resuming:
     latest = checkpoints.latest_step()
-    state, data_state = checkpoints.restore(latest, abstract_state)
-    data_iter.set_state(data_state)
+    state = checkpoints.restore(latest, abstract_state, data_iter)
     log(f"resumed from {checkpoints.directory}/{latest}")
   elif cfg.init_from and cfg.init_optimizer_state:
     state = jax.jit(step.restart_state, out_shardings=state_shardings, donate_argnums=(0,))(init_state)
@@ -100,14 +109,17 @@ def train(experiment: ExperimentConfig, *, log=print) -> dict[str, Any]:
                     out_shardings=state_shardings)()
 
   # 5. The step, and the loop.
-  batch_sharding = NamedSharding(mesh, PartitionSpec(batch_axes))
+  # The pipeline's arrays (data/packing.py): [B, S] per token, `component` [B] per row.
+  batch_sharding = {name: sharding.batch_sharding(mesh, cfg.axis_rules, 1 if name == "component" else 2)
+                    for name in ("inputs", "targets", "positions", "segment_ids", "loss_mask", "component")}
   train_step = jax.jit(step.make_train_step(graphdef, tx, cfg, len(mixture.components)),
                        in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, None),
                        donate_argnums=(0,))
-  return _loop(experiment, state, train_step, data_iter, checkpoints, batch_sharding, mixture, log)
+  return _loop(experiment, state, train_step, data_iter, checkpoints, batch_sharding, context_ways, mixture, log)
 
 
-def _loop(experiment, state, train_step, data_iter, checkpoints, batch_sharding, mixture, log) -> dict[str, Any]:
+def _loop(experiment, state, train_step, data_iter, checkpoints, batch_sharding, context_ways, mixture,
+          log) -> dict[str, Any]:
   cfg, data = experiment.train, experiment.data
   start = int(jax.device_get(state["step"]))
   peak, _ = flops.peak_flops_per_device()
@@ -121,14 +133,17 @@ def _loop(experiment, state, train_step, data_iter, checkpoints, batch_sharding,
   pending, last, step_start = None, {}, time.perf_counter()
   try:
     for number in range(start, cfg.steps):
-      batch = global_batch.to_global(next(data_iter), batch_sharding)
+      host_batch = next(data_iter)
+      if context_ways > 1:  # rows in the zigzag order the attention layers expect (models/context_parallel.py)
+        host_batch = context_parallel.to_zigzag(host_batch, context_ways)
+      batch = global_batch.to_global(host_batch, batch_sharding)
       state, step_metrics = train_step(state, batch)
       if pending is not None:  # the previous step's metrics, read while this one runs
         last = report(*pending, writer, progress)
       now = time.perf_counter()
       pending, step_start = (number + 1, step_metrics, now - step_start), now
       if (number + 1) % cfg.checkpoint_every == 0 or number + 1 == cfg.steps or stop.requested:
-        checkpoints.save(number + 1, state, data_iter.get_state())
+        checkpoints.save(number + 1, state, data_iter)
       if stop.requested:
         log(f"SIGTERM: saved step {number + 1}; run the same command to continue")
         break
@@ -219,18 +234,27 @@ def _with_shardings(abstract_params, param_shardings):
 
 
 def _check_workdir(workdir: pathlib.Path, experiment: ExperimentConfig) -> None:
-  """A work directory belongs to one model: resuming it with another is refused before anything runs."""
+  """A work directory belongs to one model: resuming it with another is refused before anything runs.
+
+  Every process checks (they all see the same directory); process 0 writes, then all meet, so the
+  barrier is reached on every path that does not raise.
+  """
   file = workdir / EXPERIMENT_FILE
   wanted = schema.to_dict(experiment.model)
-  if file.exists():
+  fresh = not file.exists()
+  if not fresh:
     found = json.loads(file.read_text()).get("model", {})
-    differ = sorted(k for k in wanted if found.get(k) != wanted[k] and k not in ("dtype", "moe_implementation"))
+    ignored = ("dtype", "moe_implementation", "attention_implementation")  # how it computes, not what it is
+    differ = sorted(k for k in wanted if found.get(k) != wanted[k] and k not in ignored)
     if differ:
       raise ConfigError(f"config.model.{differ[0]}", f"{workdir} holds a run of another model ({differ[0]} "
                         f"{found.get(differ[0])!r} there, {wanted[differ[0]]!r} here); use another workdir")
-    return
-  workdir.mkdir(parents=True, exist_ok=True)
-  file.write_text(json.dumps(schema.to_dict(experiment), indent=2) + "\n")
+  if fresh and distributed.is_main_process():
+    workdir.mkdir(parents=True, exist_ok=True)
+    tmp = file.with_suffix(".tmp")
+    tmp.write_text(json.dumps(schema.to_dict(experiment), indent=2) + "\n")
+    tmp.replace(file)
+  distributed.barrier("work directory")
 
 
 class _StopOnSigterm:

@@ -1,0 +1,93 @@
+"""Long-context training step: peak memory and time of one step at 8K..128K tokens.
+
+  .venv/bin/python bench/long_context.py                    # 8K, 16K, 32K, 64K, 128K (minutes)
+  .venv/bin/python bench/long_context.py --lengths 8192,32768
+
+One training step (forward, backward, AdamW update) of a tiny DeepSeek-V2-style model
+(MLA + MoE, YaRN s=40) on one sequence of S tokens, one document (the worst case: no
+block is skipped across documents), blockwise attention, fused chunked cross-entropy,
+remat per block. Each length runs in a fresh process, so its peak RSS is its own.
+Prints per length: step seconds (after compilation), the process's peak RSS, XLA's
+temporary buffer size for the step, and the ratios against 32K (target: 128K at most
+4.5x the 32K peak).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+CHILD = "--child"
+
+
+def one_length(seq: int) -> dict:
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from flax import nnx
+
+  from pretrain import models, schema
+  from pretrain.models import presets
+  from pretrain.models.config import RopeScaling
+  from pretrain.train import optimizer, step
+  from pretrain.train.config import OptimizerConfig, TrainConfig
+
+  config = presets.get("tiny-deepseek-v2", max_position_embeddings=163840, rope_scaling=RopeScaling(
+      type="yarn", factor=40.0, original_max_position_embeddings=4096, mscale=0.707, mscale_all_dim=0.707))
+  train = schema.parse(TrainConfig, {"steps": 10, "remat": "block", "loss_chunk": 4096,
+                                     "optimizer": schema.to_dict(OptimizerConfig(warmup_steps=1))}, "bench")
+  model = models.build(config)
+  model.remat = train.remat
+  graphdef, params = nnx.split(model)
+  tx = optimizer.make_optimizer(train.optimizer, train.steps, params)
+  state = step.init_state(params, tx)
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(3, config.vocab_size, (1, seq + 1)).astype(np.int32)
+  batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "positions": np.arange(seq, dtype=np.int32)[None],
+           "segment_ids": np.ones((1, seq), np.int32), "loss_mask": np.ones((1, seq), np.float32),
+           "component": np.zeros(1, np.int32)}
+  batch = {k: jnp.asarray(v) for k, v in batch.items()}
+  train_step = jax.jit(step.make_train_step(graphdef, tx, train, 1), donate_argnums=(0,))
+  compiled = train_step.lower(state, batch).compile()
+  temp = compiled.memory_analysis().temp_size_in_bytes
+  state, metrics = compiled(state, batch)  # the first run touches every buffer once
+  jax.block_until_ready(metrics)
+  start = time.perf_counter()
+  state, metrics = compiled(state, batch)
+  jax.block_until_ready(metrics)
+  seconds = time.perf_counter() - start
+  loss = float(metrics["loss"])
+  peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+  return {"seq": seq, "seconds": seconds, "peak_rss": peak, "xla_temp": temp, "loss": loss}
+
+
+def main() -> None:
+  if len(sys.argv) == 3 and sys.argv[1] == CHILD:
+    print(json.dumps(one_length(int(sys.argv[2]))))
+    return
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--lengths", default="8192,16384,32768,65536,131072")
+  args = parser.parse_args()
+  rows = []
+  for seq in (int(s) for s in args.lengths.split(",")):
+    out = subprocess.run([sys.executable, __file__, CHILD, str(seq)], capture_output=True, text=True)
+    if out.returncode:
+      print(f"{seq:>7}: failed\n{out.stderr[-2000:]}")
+      continue
+    rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    r = rows[-1]
+    print(f"{r['seq']:>7} tokens  step {r['seconds']:8.2f} s  peak RSS {r['peak_rss'] / 2**20:8.0f} MiB  "
+          f"XLA temp {r['xla_temp'] / 2**20:8.0f} MiB  loss {r['loss']:.3f}", flush=True)
+  base = next((r for r in rows if r["seq"] == 32768), None)
+  if base:
+    for r in rows:
+      print(f"{r['seq']:>7} vs 32K: peak RSS x{r['peak_rss'] / base['peak_rss']:.2f}, "
+            f"XLA temp x{r['xla_temp'] / base['xla_temp']:.2f}, time x{r['seconds'] / base['seconds']:.2f}")
+
+
+if __name__ == "__main__":
+  main()

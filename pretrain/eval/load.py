@@ -1,0 +1,198 @@
+"""From `--checkpoint` to a model and its tokenizer, for every evaluation.
+
+`--checkpoint` names one of the three sources `init_from` reads (train/checkpoint.py):
+  - a Hugging Face directory (config.json + safetensors): `convert.load_hf`;
+  - an Orbax model checkpoint (model_config.json, `pretrain convert --to-orbax`): `convert.load_orbax`;
+  - a training work directory (checkpoints/): its latest checkpoint's parameters, read by
+    `checkpoint.load_init_params`, with the model config the trainer recorded in its
+    experiment.json. A staged recipe's work directory (stages/<i>-<name>/) stands for its
+    latest finished stage; name a stage's directory to evaluate an unfinished one.
+The tokenizer is `--tokenizer` if given, else the run's `data.tokenizer` (work directory),
+else the tokenizer.json or single *.model inside the checkpoint directory. A Hugging Face
+tokenizer_config.json, when present, names the BOS/EOS/pad strings; a model without a BOS
+token (Qwen2) starts each text after EOS instead, as its pretraining packed documents.
+
+`load_mixture` reads the mixture files that the evaluations take their text from.
+
+`resolve` reads only small JSON files, so flags are checked against the tokenizer and the
+model config before any parameter is read; `load_model` then reads the parameters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+from typing import Literal
+
+import jax
+from flax import nnx
+
+from pretrain import convert, models, schema
+from pretrain.data import mixture as mixture_lib
+from pretrain.data.config import SpecialTokens
+from pretrain.data.mixture import Mixture
+from pretrain.data.tokenizer import Tokenizer, load_tokenizer
+from pretrain.schema import ConfigError
+from pretrain.train import checkpoint, stages, trainer
+
+Kind = Literal["huggingface", "orbax", "workdir"]
+KEY = "--checkpoint"
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+  """What `--checkpoint` points at, resolved: where the parameters are and how to read them."""
+
+  given: str  # the flag's value, for reports
+  path: pathlib.Path  # the directory whose parameters are read (for a recipe: its latest finished stage)
+  kind: Kind
+  model_config: models.ModelConfig
+  tokenizer_path: pathlib.Path
+  special_tokens: SpecialTokens
+  step: int | None = None  # a work directory's latest checkpointed step
+
+  def describe(self) -> dict:
+    return {"checkpoint": self.given, "path": str(self.path.resolve()), "kind": self.kind, "step": self.step,
+            "family": self.model_config.family, "tokenizer": str(self.tokenizer_path.resolve())}
+
+
+def resolve(checkpoint_path: str, tokenizer: str | None = None) -> Source:
+  """The source `checkpoint_path` names, its model config and its tokenizer's location; reads no parameters."""
+  path = pathlib.Path(checkpoint_path).expanduser()
+  if not path.exists():
+    raise ConfigError(KEY, f"{path} does not exist")
+  if not path.is_dir():
+    raise ConfigError(KEY, f"{path} is not a directory")
+  if (path / "config.json").exists():
+    config = convert.config_from_hf(_read_json(path / "config.json"))
+    return _with_tokenizer(checkpoint_path, path, "huggingface", config, tokenizer)
+  if (path / convert.orbax_io.CONFIG_FILE).exists():
+    config = models.parse_model_config(_read_json(path / convert.orbax_io.CONFIG_FILE),
+                                       key=str(path / convert.orbax_io.CONFIG_FILE))
+    return _with_tokenizer(checkpoint_path, path, "orbax", config, tokenizer)
+  if not (path / checkpoint.CHECKPOINTS_DIR).is_dir() and (path / "stages").is_dir():
+    path = _latest_finished_stage(path)
+  if (path / checkpoint.CHECKPOINTS_DIR).is_dir():
+    return _workdir_source(checkpoint_path, path, tokenizer)
+  raise ConfigError(KEY, f"{path} is neither a Hugging Face directory (config.json), an Orbax model checkpoint "
+                    "(model_config.json), a training work directory (checkpoints/) nor a staged recipe's (stages/)")
+
+
+def load_tokenizer_of(source: Source) -> Tokenizer:
+  tokenizer = load_tokenizer(source.tokenizer_path, source.special_tokens, key="--tokenizer")
+  if tokenizer.vocab_size > source.model_config.vocab_size:
+    raise ConfigError("--tokenizer", f"{source.tokenizer_path} has {tokenizer.vocab_size} tokens, more than the "
+                      f"model's vocab_size {source.model_config.vocab_size}")
+  return tokenizer
+
+
+def load_model(source: Source) -> models.CausalLM:
+  """The model with the source's parameters, on the default device."""
+  if source.kind == "huggingface":
+    return convert.load_hf(source.path)
+  if source.kind == "orbax":
+    return convert.load_orbax(source.path)
+  graphdef, abstract_params = nnx.split(models.build_abstract(source.model_config))
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  placed = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract_params)
+  params = checkpoint.load_init_params(str(source.path), placed)
+  return nnx.merge(graphdef, params)
+
+
+def load_mixture(spec: str, flag: str) -> Mixture:
+  """The mixture file (FILE[:ARG]) an evaluation reads text from; a missing file is an error naming `flag`."""
+  file = pathlib.Path(spec.partition(":")[0]).expanduser()
+  if not file.is_file():
+    raise ConfigError(flag, f"mixture file {file} does not exist")
+  return mixture_lib.load(str(file) + spec[len(spec.partition(":")[0]):])
+
+
+def jit_apply(model: models.CausalLM, fn):
+  """`fn(model, *arrays)` under jax.jit, the parameters passed as arguments rather than baked in as constants."""
+  graphdef, state = nnx.split(model)
+  jitted = jax.jit(lambda state, *arrays: fn(nnx.merge(graphdef, state), *arrays))
+  return lambda *arrays: jitted(state, *arrays)
+
+
+def default_out_dir(source: Source) -> pathlib.Path:
+  """`<workdir>/eval` for a training run, which owns its directory; `./eval/<name>` for a model directory,
+  which may be read-only or shared."""
+  if source.kind == "workdir":
+    return source.path / "eval"
+  return pathlib.Path("eval") / source.path.resolve().name
+
+
+def _workdir_source(given: str, path: pathlib.Path, tokenizer: str | None) -> Source:
+  if not checkpoint.has_checkpoints(path):
+    raise ConfigError(KEY, f"{path / checkpoint.CHECKPOINTS_DIR} holds no complete checkpoint")
+  experiment_file = path / trainer.EXPERIMENT_FILE
+  if not experiment_file.is_file():
+    raise ConfigError(KEY, f"{path} has {checkpoint.CHECKPOINTS_DIR}/ but no {trainer.EXPERIMENT_FILE}, where the "
+                      "trainer records the run's model and tokenizer")
+  experiment = _read_json(experiment_file)
+  config = models.parse_model_config(experiment.get("model"), key=f"{experiment_file} model")
+  data = experiment.get("data") or {}
+  special_tokens = schema.parse(SpecialTokens, data.get("special_tokens"), f"{experiment_file} data.special_tokens")
+  if tokenizer is None and not data.get("tokenizer"):
+    raise ConfigError("--tokenizer", f"{experiment_file} records no data.tokenizer; give --tokenizer")
+  tokenizer_path = pathlib.Path(tokenizer or data["tokenizer"]).expanduser()
+  if not tokenizer_path.exists():
+    where = "" if tokenizer else f" (the run's data.tokenizer, from {experiment_file}; give --tokenizer)"
+    raise ConfigError("--tokenizer", f"{tokenizer_path} does not exist{where}")
+  step = max(int(p.name) for p in (path / checkpoint.CHECKPOINTS_DIR).iterdir() if p.name.isdigit())
+  return Source(given, path, "workdir", config, tokenizer_path, special_tokens, step)
+
+
+def _with_tokenizer(given: str, path: pathlib.Path, kind: Kind, config, tokenizer: str | None) -> Source:
+  """A model directory's source: its tokenizer is --tokenizer or the one inside it."""
+  if tokenizer is not None:
+    tokenizer_path = pathlib.Path(tokenizer).expanduser()
+    if not tokenizer_path.exists():
+      raise ConfigError("--tokenizer", f"{tokenizer_path} does not exist")
+  elif (path / "tokenizer.json").is_file():
+    tokenizer_path = path / "tokenizer.json"
+  else:
+    found = sorted(path.glob("*.model"))
+    if len(found) != 1:
+      raise ConfigError("--tokenizer", f"{path} holds no tokenizer.json and {len(found)} *.model files; "
+                        "give --tokenizer")
+    tokenizer_path = found[0]
+  return Source(given, path, kind, config, tokenizer_path, _special_tokens(path))
+
+
+def _special_tokens(path: pathlib.Path) -> SpecialTokens:
+  """BOS/EOS/pad strings from a Hugging Face tokenizer_config.json; DeepSeek's when there is none."""
+  file = path / "tokenizer_config.json"
+  if not file.is_file():
+    return SpecialTokens()
+  values = _read_json(file)
+
+  def content(name: str) -> str | None:
+    token = values.get(name)
+    return token.get("content") if isinstance(token, dict) else token
+
+  eos = content("eos_token") or SpecialTokens.eos
+  return dataclasses.replace(SpecialTokens(), bos=content("bos_token") or eos, eos=eos, pad=content("pad_token") or eos)
+
+
+def _latest_finished_stage(root: pathlib.Path) -> pathlib.Path:
+  def index(stage_dir: pathlib.Path) -> int:
+    number = stage_dir.name.partition("-")[0]
+    return int(number) if number.isdigit() else -1
+
+  finished = [d for d in (root / "stages").iterdir() if index(d) >= 0 and (d / stages.DONE_FILE).exists()]
+  if not finished:
+    raise ConfigError(KEY, f"{root / 'stages'} holds no finished stage; name a stage's directory "
+                      "(stages/<i>-<name>) to evaluate its latest checkpoint")
+  return max(finished, key=index)
+
+
+def _read_json(file: pathlib.Path) -> dict:
+  try:
+    values = json.loads(file.read_text())
+  except (OSError, ValueError) as e:
+    raise ConfigError(KEY, f"{file}: cannot read JSON: {e}") from e
+  if not isinstance(values, dict):
+    raise ConfigError(KEY, f"{file}: expected a JSON object")
+  return values

@@ -1,0 +1,483 @@
+"""`pretrain plan`: a run's per-device memory, step time and MFU before it runs, and a mesh that fits.
+
+`plan(experiment, mesh, accelerator)` adds up, per device, what one training step holds
+at its peak: the float32 parameters and Adam's two moments (each split as
+`TrainConfig.axis_rules` split it, with `sharding.spec_for`, on a mesh of sizes only),
+the batch, the float32 gradients, and the activations of the remat policy at one
+micro-batch (train/activation_memory.py). The peak is the largest of these moments:
+
+- the end of the forward pass: every block's kept activations, and the last block's
+  attention tiles or the fused cross-entropy's working set (and, with micro-batches, the
+  gradient accumulator);
+- the backward pass of block i, for every i: the kept activations of blocks <= i, block
+  i's recomputed forward (under remat) and its backward working set, its weights and the
+  next block's as the matmuls read them (all-gathered under FSDP, cast to the compute
+  dtype), the gradients of blocks >= i and of the output layer;
+- the update: the gradients and the optimizer's update, both the size of the parameters
+  (measured: XLA's scratch at the update is twice the float32 parameters).
+
+Remat is modelled as TPU and GPU compilers schedule it: a block's forward is recomputed
+just before its backward pass. XLA:CPU hoists every recomputation ahead of the backward
+pass (jax-ml/jax#19822; measured here: remat saves nothing on CPU), so for the `cpu`
+platform the planner keeps every block's residuals whatever the policy.
+
+Time is the analytic FLOPs (train/flops.py) at a stated utilisation of the chip's peak:
+the hardware does the model's FLOPs plus the recomputed forwards (remat) and any work
+the layout repeats (routed experts without an `expert` axis run the whole batch on
+every device), so step time = hardware FLOPs / (devices x peak x utilisation) and
+MFU = model FLOPs / (devices x peak x step time). Communication is estimated in bytes
+per device per step (parameter all-gathers and gradient reductions over the batch axes,
+tensor-parallel all-reduces, expert-group token exchange, the context ring) and used to
+prefer one fitting mesh over another; it is not turned into time.
+
+train/mesh_search.py picks a mesh (and micro-batch count) that fits from these plans.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import types
+from collections.abc import Mapping, Sequence
+
+import jax
+from flax import nnx
+
+from pretrain import models
+from pretrain.config import ExperimentConfig
+from pretrain.models.config import DeepseekV2Config, ModelConfig, RopeScaling
+from pretrain.schema import ConfigError
+from pretrain.train import activation_memory, flops, sharding
+from pretrain.train.activation_memory import F32, Local
+
+GIB = 2**30
+# What a run may use of a chip's memory: the rest goes to the runtime, collectives' buffers and fragmentation.
+USABLE_FRACTION = 0.9
+
+
+@dataclasses.dataclass(frozen=True)
+class Accelerator:
+  name: str
+  memory_bytes: int  # per chip
+  peak_flops: float  # bf16 dense, per chip
+  platform: str  # "tpu", "gpu" or "cpu": which kernels `auto` picks and how remat is scheduled
+  # The most devices a tensor-parallel group may span: its all-reduces run every block, so on GPUs it stays
+  # inside one NVLink domain (an 8-GPU HGX node); a TPU slice's ICI torus connects every chip.
+  max_tensor: int | None = None
+
+
+# Per chip, from the vendors' datasheets: HBM capacity and bf16 dense (no sparsity) peak FLOP/s, the
+# same peaks as train/flops.py. Cloud TPU system architecture pages (v4: 32 GiB, 275 TF; v5e: 16 GiB,
+# 197 TF; v5p: 95 GiB, 459 TF; v6e Trillium: 32 GiB, 918 TF); NVIDIA A100 (40/80 GB, 312 TF), H100 SXM
+# (80 GB, 989 TF) and H200 (141 GB, the H100's 989 TF) datasheets.
+ACCELERATORS: dict[str, Accelerator] = {
+    "v4": Accelerator("TPU v4", 32 * GIB, 275e12, "tpu"),
+    "v5e": Accelerator("TPU v5e", 16 * GIB, 197e12, "tpu"),
+    "v5p": Accelerator("TPU v5p", 95 * GIB, 459e12, "tpu"),
+    "v6e": Accelerator("TPU v6e", 32 * GIB, 918e12, "tpu"),
+    "a100-40gb": Accelerator("A100 40GB", 40 * GIB, 312e12, "gpu", max_tensor=8),
+    "a100-80gb": Accelerator("A100 80GB", 80 * GIB, 312e12, "gpu", max_tensor=8),
+    "h100": Accelerator("H100 SXM", 80 * GIB, 989e12, "gpu", max_tensor=8),
+    "h200": Accelerator("H200", 141 * 10**9, 989e12, "gpu", max_tensor=8),
+}
+
+
+def accelerator(name: str) -> Accelerator:
+  """The accelerator named (case-insensitive; `tpu-v5p` and `v5p` alike)."""
+  key = name.lower().removeprefix("tpu-").removeprefix("tpu ")
+  if key not in ACCELERATORS:
+    raise ConfigError("--accelerator", f"unknown accelerator {name!r}; known: {', '.join(ACCELERATORS)}")
+  return ACCELERATORS[key]
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """One run (or stage) on one mesh of one accelerator. Bytes are per device, at the step's peak."""
+
+  stage: str  # the stage's name; "" for an unstaged experiment
+  accelerator: str
+  mesh: dict[str, int]
+  microbatches: int
+  tokens_per_device: int  # one micro-batch's tokens on one device
+  params: int
+  optimizer: int  # Adam's float32 moments and counters
+  batch: int
+  grads: int  # gradients live at the peak (at the update: the gradients and the update)
+  activations: int  # activations live at the peak
+  peak_at: str  # which moment of the step the peak is
+  capacity: int  # the usable part of the chip's memory (USABLE_FRACTION)
+  model_flops: float  # per step, all devices
+  hardware_flops: float  # model FLOPs plus recomputation and repeated work
+  utilization: float  # assumed fraction of peak the chips sustain on the hardware FLOPs
+  step_seconds: float
+  mfu: float
+  comm_bytes: float  # estimated bytes each device sends per step
+
+  @property
+  def devices(self) -> int:
+    return math.prod(self.mesh.values())
+
+  @property
+  def total(self) -> int:
+    return self.params + self.optimizer + self.batch + self.grads + self.activations
+
+  @property
+  def headroom(self) -> int:
+    return self.capacity - self.total
+
+  @property
+  def fits(self) -> bool:
+    return self.headroom >= 0
+
+  def to_dict(self) -> dict:
+    out = dataclasses.asdict(self)
+    out.update(devices=self.devices, total=self.total, headroom=self.headroom, fits=self.fits)
+    return out
+
+
+# --- the mesh -----------------------------------------------------------------------------------
+
+
+def parse_mesh(text: str) -> dict[str, int]:
+  """'data=1,fsdp=64,expert=8' -> sizes by axis; unnamed axes are 1, one axis may be -1."""
+  sizes = {axis: 1 for axis in sharding.MESH_AXES}
+  for item in filter(None, text.split(",")):
+    axis, eq, value = item.partition("=")
+    if axis not in sizes or not eq:
+      raise ConfigError("--mesh", f"{item!r} is not AXIS=SIZE with AXIS one of {', '.join(sharding.MESH_AXES)}")
+    try:
+      sizes[axis] = int(value)
+    except ValueError:
+      raise ConfigError("--mesh", f"{item!r}: the size must be an integer") from None
+  return sizes
+
+
+def resolve_mesh(sizes: Mapping[str, int], devices: int | None, key: str = "--mesh") -> dict[str, int]:
+  """Every axis's size, a -1 axis taking the devices the others leave (as sharding.make_mesh does)."""
+  sizes = {axis: int(sizes.get(axis, 1)) for axis in sharding.MESH_AXES}
+  free = [axis for axis, size in sizes.items() if size == -1]
+  if len(free) > 1 or any(size == 0 or size < -1 for size in sizes.values()):
+    raise ConfigError(key, f"sizes must be positive, and at most one -1; got {sizes}")
+  fixed = math.prod(size for size in sizes.values() if size != -1)
+  if free:
+    if devices is None:
+      sizes[free[0]] = 1  # no device count given: the free axis is one device wide
+    elif devices % fixed:
+      raise ConfigError(key, f"the fixed axes take {fixed} devices, which does not divide {devices}")
+    else:
+      sizes[free[0]] = devices // fixed
+  if devices is not None and math.prod(sizes.values()) != devices:
+    raise ConfigError(key, f"{_mesh_text(sizes)} is {math.prod(sizes.values())} devices, not {devices}")
+  return sizes
+
+
+def _fake_mesh(sizes: Mapping[str, int]):
+  """What sharding.spec_for and batch_axes read of a Mesh: its axis sizes."""
+  return types.SimpleNamespace(shape=dict(sizes))
+
+
+def _mesh_text(sizes: Mapping[str, int]) -> str:
+  return ",".join(f"{axis}={size}" for axis, size in sizes.items() if size > 1) or "1 device"
+
+
+# --- parameters -----------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Param:
+  layer: int | None  # the block it belongs to; None for the embedding, final norm and output layer
+  shape: tuple[int, ...]
+  axes: tuple[str | None, ...]  # logical axis names
+
+
+@functools.lru_cache(maxsize=8)
+def _params(model: ModelConfig) -> tuple[tuple[_Param, int], ...]:
+  """Every distinct (block, shape, logical axes) of the model's parameters and how many share it, from
+  `jax.eval_shape` of the model (nothing allocated)."""
+  counts: dict[_Param, int] = {}
+  for path, variable in nnx.to_flat_state(nnx.state(models.build_abstract(model), nnx.Param)):
+    layer = int(path[1]) if path[0] == "layers" else None
+    axes = variable.get_metadata().get("out_sharding") or (None,) * len(variable.shape)
+    key = _Param(layer, tuple(variable.shape), tuple(axes))
+    counts[key] = counts.get(key, 0) + 1
+  return tuple(counts.items())
+
+
+@dataclasses.dataclass(frozen=True)
+class _ParamLayout:
+  """The parameters on one mesh, per device."""
+
+  bytes: int  # float32 parameters
+  layer_bytes: tuple[int, ...]  # of each block
+  # Each block's weights as its matmuls read them, where that is a new buffer: all-gathered over the
+  # token-splitting axes (FSDP) and/or cast to the compute dtype.
+  layer_weights: tuple[int, ...]
+  # (local elements, devices of the token-splitting axes that share them out, how many such parameters)
+  shards: tuple[tuple[int, int, int], ...]
+
+
+def _shapes_only(model: ModelConfig) -> ModelConfig:
+  """The model config less what does not change its parameters (dtype, RoPE scaling, kernels), so a
+  staged recipe's stages share one cache entry."""
+  neutral = {"dtype": "float32", "attention_implementation": "auto"}
+  if isinstance(model, DeepseekV2Config):
+    neutral.update(rope_scaling=RopeScaling(), moe_implementation="auto")
+  return dataclasses.replace(model, **neutral)
+
+
+@functools.lru_cache(maxsize=4096)
+def _param_layout(model: ModelConfig, mesh_items: tuple[tuple[str, int], ...], rules, taken: tuple[str, ...],
+                  compute_bytes: int) -> _ParamLayout:
+  mesh = dict(mesh_items)
+  layer_bytes = [0] * model.num_hidden_layers
+  layer_weights = [0] * model.num_hidden_layers
+  total, shards, split_of = 0, [], {}
+  for param, count in _params(model):
+    key = (param.shape, param.axes)
+    if key not in split_of:  # blocks repeat their shapes: one spec_for per distinct shape
+      split_of[key] = _split(param, mesh, rules)
+    split = split_of[key]
+    elements = math.prod(param.shape) // math.prod(split.values())
+    total += F32 * elements * count
+    gathered = math.prod(s for a, s in split.items() if a in taken)
+    if param.layer is not None:
+      layer_bytes[param.layer] += F32 * elements * count
+      if gathered > 1 or compute_bytes != F32:
+        layer_weights[param.layer] += compute_bytes * elements * gathered * count
+    shards.append((elements, gathered, count))
+  return _ParamLayout(total, tuple(layer_bytes), tuple(layer_weights), tuple(shards))
+
+
+def _split(param: _Param, mesh: Mapping[str, int], rules) -> dict[str, int]:
+  """The mesh axes (and their sizes) that split this parameter."""
+  spec = sharding.spec_for(param.axes, param.shape, _fake_mesh(mesh), rules)
+  return {a: mesh[a] for entry in spec for a in _entry_axes(entry)}
+
+
+def _entry_axes(entry) -> tuple[str, ...]:
+  """The mesh axes of one PartitionSpec entry (None, an axis, or a tuple of axes)."""
+  if entry is None:
+    return ()
+  return (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def _ways(logical: str, size: int, mesh: Mapping[str, int], rules, taken: Sequence[str]) -> int:
+  """Devices an activation dimension of this logical name is split over (axes in `taken` split the tokens)."""
+  free = {a: (1 if a in taken else s) for a, s in mesh.items()}
+  return math.prod(_split(_Param(None, (size,), (logical,)), free, rules).values())
+
+
+# --- one plan -----------------------------------------------------------------------------------
+
+
+def plan(experiment: ExperimentConfig, mesh: Mapping[str, int], accel: Accelerator, *, utilization: float = 0.4,
+         stage: str = "") -> Plan:
+  """Per-device memory, step time and MFU of `experiment` on `mesh` (every axis's size) of `accel` chips."""
+  cfg, data, model = experiment.train, experiment.data, experiment.model
+  if cfg is None or data is None:
+    raise ConfigError("config.train" if cfg is None else "config.data", "planning a run needs this section")
+  if not 0 < utilization <= 1:
+    raise ConfigError("--utilization", f"must be in (0, 1], got {utilization}")
+  mesh = {axis: int(mesh.get(axis, 1)) for axis in sharding.MESH_AXES}
+  rules = cfg.axis_rules
+  local, layout = _local(experiment, mesh, accel)
+
+  # Parameters, Adam's moments and gradients: float32, split like the parameters.
+  layout_params = _param_layout(_shapes_only(model), tuple(mesh.items()), tuple(map(tuple, rules)), layout["taken"],
+                                local.compute_bytes)
+  param_bytes, layer_grads = layout_params.bytes, list(layout_params.layer_bytes)
+  head_grads = param_bytes - sum(layer_grads)  # embedding, final norm, output layer
+  optimizer = 2 * param_bytes + 2 * F32 + (64 + 3) * F32  # mu, nu; counts; the guard's norm history and counters
+  batch = layout["rows_per_step"] * local.seq * F32 * 5 + layout["rows_per_step"] * F32
+
+  grads, acts, where = _peak(model, cfg.remat, local, accel.platform, cfg.microbatches, param_bytes,
+                                   layer_grads, head_grads, layout_params.layer_weights)
+  model_flops, hardware_flops = _flops(experiment, mesh, local, layout)
+  devices = math.prod(mesh.values())
+  step_seconds = hardware_flops / (devices * accel.peak_flops * utilization)
+  return Plan(
+      stage=stage, accelerator=accel.name, mesh=mesh, microbatches=cfg.microbatches, tokens_per_device=local.tokens,
+      params=param_bytes, optimizer=optimizer, batch=batch, grads=grads, activations=acts, peak_at=where,
+      capacity=int(accel.memory_bytes * USABLE_FRACTION), model_flops=model_flops, hardware_flops=hardware_flops,
+      utilization=utilization, step_seconds=step_seconds,
+      mfu=model_flops / (devices * accel.peak_flops * step_seconds),
+      comm_bytes=_communication(experiment, mesh, local, layout, layout_params))
+
+
+def _local(experiment: ExperimentConfig, mesh: dict[str, int], accel: Accelerator) -> tuple[Local, dict]:
+  """Per-device sizes of one micro-batch (and how the batch is laid out), checked as the trainer checks them."""
+  cfg, data, model = experiment.train, experiment.data, experiment.model
+  rules = cfg.axis_rules
+  fake = _fake_mesh(mesh)
+  batch_axes = sharding.batch_axes(fake, rules)
+  seq_axes = sharding.sequence_axes(fake, rules)
+  batch_ways = math.prod(mesh[a] for a in batch_axes)
+  context = math.prod(mesh[a] for a in seq_axes)
+  if data.global_batch_size % (batch_ways * cfg.microbatches):
+    raise ConfigError("config.data.global_batch_size", f"{data.global_batch_size} does not split into {batch_ways} "
+                      f"batch shards x {cfg.microbatches} microbatches")
+  if data.seq_len % (2 * context if context > 1 else 1):
+    raise ConfigError("config.data.seq_len", f"{data.seq_len} does not split into 2 x {context} context chunks")
+  taken = batch_axes + seq_axes
+  rows_per_step = data.global_batch_size // batch_ways
+  rows, seq = rows_per_step // cfg.microbatches, data.seq_len // context
+  heads = model.num_attention_heads // _ways("heads", model.num_attention_heads, mesh, rules, taken)
+  kv_heads = getattr(model, "num_key_value_heads", model.num_attention_heads)
+  kv_heads //= _ways("kv_heads", kv_heads, mesh, rules, taken)
+  mlp = model.intermediate_size // _ways("mlp", model.intermediate_size, mesh, rules, taken)
+  vocab = model.vocab_size // _ways("vocab", model.vocab_size, mesh, rules, taken)
+  shared_mlp = moe_mlp = experts = 0
+  routed_tokens, expert_axes = rows * seq, ()
+  if isinstance(model, DeepseekV2Config):
+    shared = model.moe_intermediate_size * model.n_shared_experts
+    shared_mlp = shared // _ways("mlp", shared, mesh, rules, taken) if shared else 0
+    # The routed experts' split, exactly as sharding.plan_expert_parallelism reads it.
+    gate = _Param(None, (model.n_routed_experts, model.hidden_size, model.moe_intermediate_size),
+                  ("expert", "embed", "mlp"))
+    expert_spec, _, mlp_spec = sharding.spec_for(gate.axes, gate.shape, fake, rules)
+    expert_axes, mlp_axes = _entry_axes(expert_spec), [a for a in _entry_axes(mlp_spec) if a not in taken]
+    experts = model.n_routed_experts // math.prod(mesh[a] for a in expert_axes)
+    moe_mlp = model.moe_intermediate_size // math.prod(mesh[a] for a in mlp_axes)
+    if expert_axes:  # the tokens of the expert group, all-gathered (models/expert_parallel.py)
+      routed_tokens *= math.prod(mesh[a] for a in expert_axes if a in taken)
+    else:  # the dispatch sorts the whole micro-batch's (token, expert) pairs on every device
+      routed_tokens *= batch_ways * context
+  implementation = model.moe_implementation if isinstance(model, DeepseekV2Config) else "auto"
+  local = Local(rows=rows, seq=seq, compute_bytes=_dtype_bytes(model.dtype), heads=heads, kv_heads=kv_heads,
+                mlp=mlp, shared_mlp=shared_mlp, moe_mlp=moe_mlp, experts=experts, routed_tokens=routed_tokens,
+                expert_parallel=isinstance(model, DeepseekV2Config) and bool(expert_axes), vocab=vocab,
+                loss_chunk=cfg.loss_chunk,
+                ragged_dot=implementation == "ragged_dot" or (implementation == "auto" and accel.platform == "tpu"))
+  layout = {"rows_per_step": rows_per_step, "batch_ways": batch_ways, "context": context, "taken": taken}
+  return local, layout
+
+
+def _dtype_bytes(dtype: str) -> int:
+  return {"float32": 4, "bfloat16": 2, "float16": 2}[dtype]
+
+
+def _peak(model: ModelConfig, remat: str, local: Local, platform: str, microbatches: int, param_bytes: int,
+          layer_grads: list[int], head_grads: int, layer_weights: Sequence[int]) -> tuple[int, int, str]:
+  """(gradients, activations, which moment) at the moment of the step where their sum peaks."""
+  layers = range(model.num_hidden_layers)
+  # Blocks of one kind (dense or MoE) hold the same bytes: ask once per kind.
+  kinds = [isinstance(model, DeepseekV2Config) and model.is_moe_layer(i) for i in layers]
+  first = {kind: kinds.index(kind) for kind in set(kinds)}
+  per_kind = {kind: (sum(activation_memory.residuals(model, i, local).values()),
+                     activation_memory.matmul_outputs(model, i, local),
+                     sum(activation_memory.backward_working_set(model, i, local).values()))
+              for kind, i in first.items()}
+  residuals = [per_kind[kind][0] for kind in kinds]
+  block_input = local.tokens * model.hidden_size * local.compute_bytes
+  if remat == "none" or platform == "cpu":  # XLA:CPU recomputes every block ahead of the backward pass
+    kept, recomputed = residuals, [0] * len(residuals)
+  elif remat == "block":
+    kept = [block_input] * len(residuals)
+    recomputed = [r - block_input for r in residuals]
+  else:  # "dots": the weight matmuls' outputs are kept, the rest recomputed
+    kept = [block_input + per_kind[kind][1] for kind in kinds]
+    recomputed = [max(r - k, 0) for r, k in zip(residuals, kept)]
+  accumulator = param_bytes if microbatches > 1 else 0  # the scan's running gradient sum
+  attention_forward = activation_memory.forward_working_set(model, local)
+  loss = sum(activation_memory.cross_entropy_working_set(model, local).values())
+  moments = [(accumulator, sum(kept) + attention_forward + layer_weights[-1], "forward of the last block"),
+             (accumulator, sum(kept) + loss, "end of forward")]
+  grads, kept_below = accumulator + head_grads, sum(kept)
+  for i in reversed(layers):
+    grads += layer_grads[i]
+    # This block's gathered weights, and the next one's, fetched while this one computes.
+    weights = layer_weights[i] + (layer_weights[i - 1] if i else 0)
+    moments.append((grads, kept_below + recomputed[i] + per_kind[kinds[i]][2] + weights, f"backward of block {i}"))
+    kept_below -= kept[i]
+  moments.append((2 * param_bytes, 0, "update"))  # the gradients and the optimizer's update
+  return max(moments, key=lambda m: m[0] + m[1])
+
+
+def _flops(experiment: ExperimentConfig, mesh: dict[str, int], local: Local, layout: dict) -> tuple[float, float]:
+  """(model FLOPs, hardware FLOPs) of one step over all devices."""
+  cfg, data, model = experiment.train, experiment.data, experiment.model
+  tokens = data.global_batch_size * data.seq_len
+  forward = flops.flops_breakdown(model, data.seq_len)
+  model_flops = 3.0 * sum(forward.values()) * tokens
+  recompute = {"none": 0.0, "block": sum(v for k, v in forward.items() if k != "lm_head"),
+               "dots": forward["attention_scores"]}[cfg.remat]
+  hardware = model_flops + recompute * tokens
+  if isinstance(model, DeepseekV2Config) and forward["routed_experts"]:
+    # Each device runs its experts' share of the rows it dispatches; without an expert axis that is every row.
+    share = (local.experts / model.n_routed_experts) * (local.moe_mlp / model.moe_intermediate_size)
+    devices = math.prod(mesh.values())
+    routed_done = devices * cfg.microbatches * local.routed_tokens * share
+    hardware += 3.0 * forward["routed_experts"] * max(routed_done - tokens, 0.0)
+  return model_flops, hardware
+
+
+def _communication(experiment: ExperimentConfig, mesh: dict[str, int], local: Local, layout: dict,
+                   params: _ParamLayout) -> float:
+  """Bytes one device sends per step, ring collectives ((n - 1) / n of the data per device)."""
+  cfg, model = experiment.train, experiment.model
+  micro, c = cfg.microbatches, local.compute_bytes
+  data_like = layout["batch_ways"] * layout["context"]  # devices that see different tokens
+  uses = 3 if cfg.remat != "none" else 2  # forward, backward (and the recomputed forward)
+  total = 0.0
+  for n, gathered, count in params.shards:
+    replicated = data_like // gathered
+    # Gathered for each use, gradients reduce-scattered back: per micro-batch. All-reduced where replicated.
+    total += count * micro * n * (gathered - 1) * (uses * c + F32)
+    total += count * micro * 2 * n * F32 * (replicated - 1) / replicated
+  t, d = local.tokens, model.hidden_size
+  tensor = mesh.get("tensor", 1)
+  if tensor > 1 and local.heads < model.num_attention_heads:  # two all-reduces of [T, D] per block and pass
+    total += micro * model.num_hidden_layers * 2 * uses * 2 * t * d * c * (tensor - 1) / tensor
+  if isinstance(model, DeepseekV2Config) and local.routed_tokens > t and local.experts < model.n_routed_experts:
+    group = local.routed_tokens // t  # token all-gather in, reduce-scatter out, per pass
+    moe_layers = sum(model.is_moe_layer(i) for i in range(model.num_hidden_layers))
+    total += micro * moe_layers * uses * 2 * t * d * c * (group - 1)
+  context = layout["context"]
+  if context > 1:  # keys and values go round the ring; their gradients come back round it
+    kv = (2 * local.kv_heads * model.hidden_size // model.num_attention_heads if hasattr(model, "num_key_value_heads")
+          else local.heads * (model.qk_head_dim + model.v_head_dim))
+    total += micro * model.num_hidden_layers * (uses + 1) * t * kv * c * (context - 1)
+  return total
+
+
+# --- stages, the XLA check and the table -----------------------------------------------------------
+
+
+def stages(experiment: ExperimentConfig) -> list[tuple[str, ExperimentConfig]]:
+  """(stage name, the stage's experiment) for a staged recipe; [("", experiment)] otherwise."""
+  if not experiment.stages:
+    return [("", experiment)]
+  from pretrain.train import stages as stages_lib
+
+  return [(s.name, e) for s, (_, e) in zip(experiment.stages, stages_lib.stage_experiments(experiment))]
+
+
+def compare_with_xla(experiment: ExperimentConfig, accel: Accelerator | None = None) -> tuple[Plan, int]:
+  """(the plan for this process's devices, the compiled step's bytes per device), for `pretrain plan --xla`."""
+  from pretrain.train import compiled_memory
+
+  device = jax.devices()[0]
+  accel = accel or Accelerator(device.device_kind, 0, flops.peak_flops_per_device(device)[0], device.platform)
+  mesh = resolve_mesh({a: getattr(experiment.train.mesh, a) for a in sharding.MESH_AXES}, jax.device_count(),
+                      key="config.train.mesh")
+  return plan(experiment, mesh, accel), compiled_memory.compiled_step_memory(experiment).total
+
+
+def table(plans: Sequence[Plan]) -> str:
+  """The plans as a Markdown table; sizes per device at the step's peak, in GiB (MiB for small runs)."""
+  unit, scale = ("GiB", GIB) if max(p.total for p in plans) >= GIB else ("MiB", 2**20)
+
+  def size(n: int) -> str:
+    return f"{n / scale:,.1f}"
+
+  header = ("stage", "devices", "mesh", "micro", "tokens/dev", f"params {unit}", f"grads {unit}",
+            f"opt state {unit}", f"activations {unit}", f"total {unit}", f"usable {unit}", "fits", "step", "MFU",
+            "comm/step")
+  rows = [header, ("---",) * len(header)]
+  for p in plans:
+    rows.append((p.stage or "-", str(p.devices), _mesh_text(p.mesh), str(p.microbatches), f"{p.tokens_per_device:,}",
+                 size(p.params), size(p.grads), size(p.optimizer), size(p.activations + p.batch), size(p.total),
+                 size(p.capacity), "yes" if p.fits else "NO", f"{p.step_seconds:.3g} s", f"{p.mfu:.0%}",
+                 f"{p.comm_bytes / 1e9:,.0f} GB"))
+  return "\n".join("| " + " | ".join(row) + " |" for row in rows)
