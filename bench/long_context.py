@@ -24,7 +24,7 @@ import time
 CHILD = "--child"
 
 
-def one_length(seq: int) -> dict:
+def one_length(seq: int, repeats: int) -> dict:
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -54,27 +54,30 @@ def one_length(seq: int) -> dict:
   train_step = jax.jit(step.make_train_step(graphdef, tx, train, 1), donate_argnums=(0,))
   compiled = train_step.lower(state, batch).compile()
   temp = compiled.memory_analysis().temp_size_in_bytes
-  state, metrics = compiled(state, batch)  # the first run touches every buffer once
-  jax.block_until_ready(metrics)
-  start = time.perf_counter()
-  state, metrics = compiled(state, batch)
-  jax.block_until_ready(metrics)
-  seconds = time.perf_counter() - start
+  seconds = []
+  for _ in range(repeats):  # the first run also pays for touching every buffer once
+    start = time.perf_counter()
+    state, metrics = compiled(state, batch)
+    jax.block_until_ready(metrics)
+    seconds.append(time.perf_counter() - start)
+  seconds = seconds[-1]
   loss = float(metrics["loss"])
   peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
   return {"seq": seq, "seconds": seconds, "peak_rss": peak, "xla_temp": temp, "loss": loss}
 
 
 def main() -> None:
-  if len(sys.argv) == 3 and sys.argv[1] == CHILD:
-    print(json.dumps(one_length(int(sys.argv[2]))))
+  if len(sys.argv) == 4 and sys.argv[1] == CHILD:
+    print(json.dumps(one_length(int(sys.argv[2]), int(sys.argv[3]))))
     return
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--lengths", default="8192,16384,32768,65536,131072")
+  parser.add_argument("--repeats", type=int, default=1, help="steps run per length; the last is timed (default 1: "
+                      "the first step after compilation, page faults included; at 128K a step takes minutes)")
   args = parser.parse_args()
   rows = []
   for seq in (int(s) for s in args.lengths.split(",")):
-    out = subprocess.run([sys.executable, __file__, CHILD, str(seq)], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, __file__, CHILD, str(seq), str(args.repeats)], capture_output=True, text=True)
     if out.returncode:
       print(f"{seq:>7}: failed\n{out.stderr[-2000:]}")
       continue

@@ -35,6 +35,7 @@ class CausalLM(nnx.Module):
   def init_trunk(self, config, block_cls, *, rngs: nnx.Rngs):
     self.config = config
     self.remat = "none"  # set by the trainer (TrainConfig.remat): "none" or a key of REMAT_POLICIES
+    self.activation_sharding = None  # set by the trainer: where [B, S, D] hidden states live between blocks
     self.dtype = DTYPES[config.dtype]
     std = config.initializer_range
     self.embed_tokens = layers.Embedding(config.vocab_size, config.hidden_size, std, rngs=rngs)
@@ -48,11 +49,12 @@ class CausalLM(nnx.Module):
     """Final hidden states [B, S, D] and aux outputs (summed balance loss, per-layer expert load)."""
     if positions_BxS is None:
       positions_BxS = jnp.broadcast_to(jnp.arange(input_ids_BxS.shape[1]), input_ids_BxS.shape)
-    x_BxSxD = self.embed_tokens(input_ids_BxS, self.dtype)
+    x_BxSxD = self._pin(self.embed_tokens(input_ids_BxS, self.dtype))
     balance_losses, expert_loads = [], []
     run = _call if self.remat == "none" else nnx.remat(_call, policy=REMAT_POLICIES[self.remat])
     for block in self.layers:
       x_BxSxD, aux = run(block, x_BxSxD, positions_BxS, segment_ids_BxS)
+      x_BxSxD = self._pin(x_BxSxD)
       if aux is not None:
         balance_losses.append(aux["balance_loss"])
         expert_loads.append(aux["expert_load"])
@@ -60,6 +62,11 @@ class CausalLM(nnx.Module):
     if expert_loads:
       out["expert_load"] = jnp.stack(expert_loads)  # [moe_layers, n_routed_experts]
     return self.norm(x_BxSxD), out
+
+  def _pin(self, x_BxSxD: jnp.ndarray) -> jnp.ndarray:
+    if self.activation_sharding is None:
+      return x_BxSxD
+    return jax.lax.with_sharding_constraint(x_BxSxD, self.activation_sharding)
 
   def logits(self, x_BxSxD: jnp.ndarray) -> jnp.ndarray:
     """[B, S, V] float32 logits."""

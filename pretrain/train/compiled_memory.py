@@ -60,8 +60,7 @@ def compiled_step_memory(experiment: ExperimentConfig, *, num_components: int = 
     raise ConfigError("config.data.seq_len", f"{seq} does not split into the zigzag chunks of the context axis")
   abstract_model = models.build_abstract(experiment.model)
   abstract_model.remat = cfg.remat
-  sharding.plan_expert_parallelism(abstract_model, mesh, cfg.axis_rules)
-  sharding.plan_context_parallelism(abstract_model, mesh, cfg.axis_rules)
+  sharding.plan_model(abstract_model, mesh, cfg.axis_rules)
   graphdef, abstract_params = nnx.split(abstract_model)
   param_shardings = sharding.param_shardings(abstract_params, mesh, cfg.axis_rules)
   tx = optimizer.make_optimizer(cfg.optimizer, cfg.steps, abstract_params)

@@ -40,7 +40,17 @@ def nll(h_TxD: jax.Array, w_DxV: jax.Array, targets_T: jax.Array, mask_T: jax.Ar
 
 
 def _chunks(chunk: int, *arrays):
-  return tuple(a.reshape(-1, chunk, *a.shape[1:]) for a in arrays)
+  """[T, ...] -> [T / chunk, chunk, ...], chunk n holding tokens n, n + N, n + 2N, ... (N = T / chunk).
+
+  Strided, not contiguous: every chunk spans the whole token range, so where the tokens are split
+  over devices (batch rows, a context-parallel sequence) each device computes its own share of
+  every chunk, instead of the scan gathering all [T, D] hidden states onto every device.
+  """
+  return tuple(a.reshape(chunk, -1, *a.shape[1:]).swapaxes(0, 1) for a in arrays)
+
+
+def _unchunk(x_NxCx):
+  return x_NxCx.swapaxes(0, 1).reshape(-1, *x_NxCx.shape[2:])
 
 
 def _chunk_logits(h_CxD, w_DxV):
@@ -60,7 +70,7 @@ def _fused(h_TxD, w_DxV, targets_T, mask_T, chunk):
     return None, _chunk_nll(_chunk_logits(h_CxD, w_DxV), targets_C, mask_C)[0]
 
   _, nll_NxC = jax.lax.scan(step, None, _chunks(chunk, h_TxD, targets_T, mask_T))
-  nll_T = nll_NxC.reshape(-1)
+  nll_T = _unchunk(nll_NxC)
   return nll_T.sum(), nll_T
 
 
@@ -80,8 +90,8 @@ def _fused_fwd(h_TxD, w_DxV, targets_T, mask_T, chunk):
 
   dw_DxV, (nll_NxC, dh_NxCxD) = jax.lax.scan(step, jnp.zeros(w_DxV.shape, jnp.float32),
                                              _chunks(chunk, h_TxD, targets_T, mask_T))
-  nll_T = nll_NxC.reshape(-1)
-  return (nll_T.sum(), nll_T), (dh_NxCxD.reshape(h_TxD.shape), dw_DxV.astype(w_DxV.dtype), targets_T, mask_T)
+  nll_T = _unchunk(nll_NxC)
+  return (nll_T.sum(), nll_T), (_unchunk(dh_NxCxD), dw_DxV.astype(w_DxV.dtype), targets_T, mask_T)
 
 
 def _fused_bwd(chunk, residuals, cotangents):

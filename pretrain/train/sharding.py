@@ -98,6 +98,22 @@ def batch_sharding(mesh: Mesh, rules: AxisRules, ndim: int) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec(*spec))
 
 
+def plan_model(model: nnx.Module, mesh: Mesh, rules: AxisRules) -> None:
+  """Tells the model how the mesh splits its work: routed experts, attention, and the residual stream."""
+  plan_expert_parallelism(model, mesh, rules)
+  plan_context_parallelism(model, mesh, rules)
+  plan_activation_sharding(model, mesh, rules)
+
+
+def plan_activation_sharding(model: nnx.Module, mesh: Mesh, rules: AxisRules) -> None:
+  """Pins the [B, S, D] hidden states between blocks to the batch's layout (rows over the batch axes,
+  tokens over the sequence axes, D whole). Left to itself, XLA propagates the fsdp-split weights'
+  layout into the activations and then copies whole MLP intermediates and logits onto every device."""
+  for _, module in nnx.iter_modules(model):
+    if hasattr(module, "activation_sharding"):
+      module.activation_sharding = batch_sharding(mesh, rules, 3) if mesh.size > 1 else None
+
+
 def plan_context_parallelism(model: nnx.Module, mesh: Mesh, rules: AxisRules) -> None:
   """Sets each attention layer's `context_parallel` where the rules split the sequence over the mesh.
 

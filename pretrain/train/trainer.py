@@ -64,8 +64,7 @@ def train(experiment: ExperimentConfig, *, log=print) -> dict[str, Any]:
   # 2. Model, optimizer and where every array lives.
   abstract_model = models.build_abstract(model_config)
   abstract_model.remat = cfg.remat
-  sharding.plan_expert_parallelism(abstract_model, mesh, cfg.axis_rules)
-  sharding.plan_context_parallelism(abstract_model, mesh, cfg.axis_rules)
+  sharding.plan_model(abstract_model, mesh, cfg.axis_rules)
   graphdef, abstract_params = nnx.split(abstract_model)
   param_shardings = sharding.param_shardings(abstract_params, mesh, cfg.axis_rules)
   tx = optimizer.make_optimizer(cfg.optimizer, cfg.steps, abstract_params)
