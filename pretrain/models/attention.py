@@ -2,9 +2,7 @@
 
 `attend` picks the implementation (the model config's `attention_implementation`):
 `blockwise` (blockwise_attention.py: memory linear in the sequence, causal blocks
-skipped) or `reference`, below. `auto` takes blockwise from AUTO_BLOCKWISE_FROM tokens
-and the reference below that: a short row is one or two blocks anyway, and the plain
-version compiles (and runs eagerly) many times faster than the blockwise loops. With the sequence split over the
+skipped; what `auto` uses) or `reference`, below. With the sequence split over the
 `context` mesh axis (the layer's `context_parallel`, set by the trainer), it is ring
 attention over the split (context_parallel.py), whatever the implementation.
 
@@ -23,9 +21,6 @@ from pretrain.models import blockwise_attention
 from pretrain.models import context_parallel as context_parallel_lib
 
 IMPLEMENTATIONS = ("auto", "reference", "blockwise")
-# From here on blockwise is at least as fast on CPU (B4 x 512 x 8 heads: 56 vs 69 ms forward +
-# backward), and the reference's [S, S] scores start to cost real memory.
-AUTO_BLOCKWISE_FROM = 512
 
 
 def attend(q_BxSxNxK, k_BxSxMxK, v_BxSxMxV, *, scale: float, segment_ids_BxS: jnp.ndarray | None = None,
@@ -38,9 +33,7 @@ def attend(q_BxSxNxK, k_BxSxMxK, v_BxSxMxV, *, scale: float, segment_ids_BxS: jn
   if context_parallel is not None:
     return context_parallel_lib.attention(context_parallel, q_BxSxNxK, k_BxSxMxK, v_BxSxMxV, scale=scale,
                                           segment_ids_BxS=segment_ids_BxS)
-  if implementation == "auto":
-    implementation = "blockwise" if q_BxSxNxK.shape[1] >= AUTO_BLOCKWISE_FROM else "reference"
-  if implementation == "blockwise":
+  if implementation in ("auto", "blockwise"):
     return blockwise_attention.blockwise_attention(q_BxSxNxK, k_BxSxMxK, v_BxSxMxV, scale=scale,
                                                    segment_ids_BxS=segment_ids_BxS)
   if implementation == "reference":
