@@ -33,6 +33,7 @@ from pretrain.train import checkpoint, distributed, flops, metrics, optimizer, s
 from pretrain.train.config import TrainConfig
 
 EXPERIMENT_FILE = "experiment.json"
+BATCH_FIELDS = ("inputs", "targets", "positions", "segment_ids", "loss_mask", "component")
 
 
 class BadStepsError(RuntimeError):
@@ -48,30 +49,13 @@ def train(experiment: ExperimentConfig, *, log=print) -> dict[str, Any]:
 
   # 1. Mesh and batch split: checked before anything is written.
   mesh = sharding.make_mesh(cfg.mesh)
-  batch_axes = sharding.batch_axes(mesh, cfg.axis_rules)
-  batch_ways = int(np.prod([mesh.shape[a] for a in batch_axes]))
-  for ways, what in ((batch_ways * cfg.microbatches, f"{batch_ways} batch shards x {cfg.microbatches} microbatches"),
-                     (jax.process_count(), f"{jax.process_count()} processes")):
-    if data.global_batch_size % ways:
-      raise ConfigError("config.data.global_batch_size", f"{data.global_batch_size} does not split into {what}")
-  context_ways = sharding.context_ways(mesh, cfg.axis_rules)
-  if data.seq_len % (2 * context_ways):  # zigzag: each context device holds 2 of 2n equal chunks of a row
-    raise ConfigError("config.data.seq_len", f"{data.seq_len} does not split into 2 x {context_ways} equal "
-                      f"chunks, as context parallelism over config.train.mesh.context={context_ways} needs")
+  check_batch_split(experiment, mesh)
   if cfg.init_from and not pathlib.Path(cfg.init_from).expanduser().exists():
     raise ConfigError("config.train.init_from", f"{cfg.init_from} does not exist")
 
   # 2. Model, optimizer and where every array lives.
-  abstract_model = models.build_abstract(model_config)
-  abstract_model.remat = cfg.remat
-  sharding.plan_model(abstract_model, mesh, cfg.axis_rules)
-  graphdef, abstract_params = nnx.split(abstract_model)
-  param_shardings = sharding.param_shardings(abstract_params, mesh, cfg.axis_rules)
-  tx = optimizer.make_optimizer(cfg.optimizer, cfg.steps, abstract_params)
-  unplaced_state = jax.eval_shape(lambda p: step.init_state(p, tx), abstract_params)
-  state_shardings = _state_shardings(unplaced_state, abstract_params, param_shardings, mesh)
-  abstract_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), unplaced_state,
-                                state_shardings)
+  plan = plan_step(experiment, mesh)
+  tx, state_shardings = plan.tx, plan.state_shardings
 
   # 3. Data: prepared on first use (the built-in default; by process 0, the others wait and then read
   # the finished shards), then this process's share.
@@ -88,14 +72,15 @@ def train(experiment: ExperimentConfig, *, log=print) -> dict[str, Any]:
   # 4. State: own checkpoint, else init_from, else fresh. init_from is read before anything is written.
   resuming = checkpoint.has_checkpoints(workdir)
   if not resuming and cfg.init_from and cfg.init_optimizer_state:
-    init_state = checkpoint.load_init_state(cfg.init_from, abstract_state)
+    init_state = checkpoint.load_init_state(cfg.init_from, plan.abstract_state)
   elif not resuming and cfg.init_from:
-    init_params = checkpoint.load_init_params(cfg.init_from, _with_shardings(abstract_params, param_shardings))
+    init_params = checkpoint.load_init_params(cfg.init_from,
+                                              _with_shardings(plan.abstract_params, plan.param_shardings))
   _check_workdir(workdir, experiment)  # the first write to the work directory
   checkpoints = checkpoint.Checkpoints(workdir, cfg)
   if resuming:
     latest = checkpoints.latest_step()
-    state = checkpoints.restore(latest, abstract_state, data_iter)
+    state = checkpoints.restore(latest, plan.abstract_state, data_iter)
     log(f"resumed from {checkpoints.directory}/{latest}")
   elif cfg.init_from and cfg.init_optimizer_state:
     state = jax.jit(step.restart_state, out_shardings=state_shardings, donate_argnums=(0,))(init_state)
@@ -108,13 +93,61 @@ def train(experiment: ExperimentConfig, *, log=print) -> dict[str, Any]:
                     out_shardings=state_shardings)()
 
   # 5. The step, and the loop.
+  train_step = jit_step(plan, cfg, len(mixture.components))
+  return _loop(experiment, state, train_step, data_iter, checkpoints, plan.batch_sharding,
+               sharding.context_ways(mesh, cfg.axis_rules), mixture, log)
+
+
+def check_batch_split(experiment: ExperimentConfig, mesh) -> None:
+  """The global batch splits over the batch shards, micro-batches and processes, and a row over the context axis."""
+  cfg, data = experiment.train, experiment.data
+  batch_ways = int(np.prod([mesh.shape[a] for a in sharding.batch_axes(mesh, cfg.axis_rules)]))
+  for ways, what in ((batch_ways * cfg.microbatches, f"{batch_ways} batch shards x {cfg.microbatches} microbatches"),
+                     (jax.process_count(), f"{jax.process_count()} processes")):
+    if data.global_batch_size % ways:
+      raise ConfigError("config.data.global_batch_size", f"{data.global_batch_size} does not split into {what}")
+  context_ways = sharding.context_ways(mesh, cfg.axis_rules)
+  if data.seq_len % (2 * context_ways):  # zigzag: each context device holds 2 of 2n equal chunks of a row
+    raise ConfigError("config.data.seq_len", f"{data.seq_len} does not split into 2 x {context_ways} equal "
+                      f"chunks, as context parallelism over config.train.mesh.context={context_ways} needs")
+
+
+@dataclasses.dataclass(frozen=True)
+class StepPlan:
+  """The model, optimizer and where every array of the step lives: what `train` and `pretrain plan --xla` share."""
+
+  graphdef: Any
+  abstract_params: Any
+  param_shardings: Any
+  tx: Any
+  state_shardings: Any
+  abstract_state: Any  # ShapeDtypeStructs carrying their shardings
+  batch_sharding: dict[str, NamedSharding]
+
+
+def plan_step(experiment: ExperimentConfig, mesh) -> StepPlan:
+  cfg = experiment.train
+  abstract_model = models.build_abstract(experiment.model)
+  abstract_model.remat = cfg.remat
+  sharding.plan_model(abstract_model, mesh, cfg.axis_rules)
+  graphdef, abstract_params = nnx.split(abstract_model)
+  param_shardings = sharding.param_shardings(abstract_params, mesh, cfg.axis_rules)
+  tx = optimizer.make_optimizer(cfg.optimizer, cfg.steps, abstract_params)
+  unplaced_state = jax.eval_shape(lambda p: step.init_state(p, tx), abstract_params)
+  state_shardings = _state_shardings(unplaced_state, abstract_params, param_shardings, mesh)
+  abstract_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), unplaced_state,
+                                state_shardings)
   # The pipeline's arrays (data/packing.py): [B, S] per token, `component` [B] per row.
   batch_sharding = {name: sharding.batch_sharding(mesh, cfg.axis_rules, 1 if name == "component" else 2)
-                    for name in ("inputs", "targets", "positions", "segment_ids", "loss_mask", "component")}
-  train_step = jax.jit(step.make_train_step(graphdef, tx, cfg, len(mixture.components)),
-                       in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, None),
-                       donate_argnums=(0,))
-  return _loop(experiment, state, train_step, data_iter, checkpoints, batch_sharding, context_ways, mixture, log)
+                    for name in BATCH_FIELDS}
+  return StepPlan(graphdef, abstract_params, param_shardings, tx, state_shardings, abstract_state, batch_sharding)
+
+
+def jit_step(plan: StepPlan, cfg: TrainConfig, num_components: int):
+  """The jitted train step: explicit state and batch shardings, the state donated."""
+  return jax.jit(step.make_train_step(plan.graphdef, plan.tx, cfg, num_components),
+                 in_shardings=(plan.state_shardings, plan.batch_sharding), out_shardings=(plan.state_shardings, None),
+                 donate_argnums=(0,))
 
 
 def _loop(experiment, state, train_step, data_iter, checkpoints, batch_sharding, context_ways, mixture,
