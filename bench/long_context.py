@@ -26,33 +26,14 @@ CHILD = "--child"
 
 def one_length(seq: int, repeats: int) -> dict:
   import jax
-  import jax.numpy as jnp
-  import numpy as np
-  from flax import nnx
+  from step_setup import compiled_train_step
 
-  from pretrain import models, schema
   from pretrain.models import presets
   from pretrain.models.config import RopeScaling
-  from pretrain.train import optimizer, step
-  from pretrain.train.config import OptimizerConfig, TrainConfig
 
   config = presets.get("tiny-deepseek-v2", max_position_embeddings=163840, rope_scaling=RopeScaling(
       type="yarn", factor=40.0, original_max_position_embeddings=4096, mscale=0.707, mscale_all_dim=0.707))
-  train = schema.parse(TrainConfig, {"steps": 10, "remat": "block", "loss_chunk": 4096,
-                                     "optimizer": schema.to_dict(OptimizerConfig(warmup_steps=1))}, "bench")
-  model = models.build(config)
-  model.remat = train.remat
-  graphdef, params = nnx.split(model)
-  tx = optimizer.make_optimizer(train.optimizer, train.steps, params)
-  state = step.init_state(params, tx)
-  rng = np.random.default_rng(0)
-  tokens = rng.integers(3, config.vocab_size, (1, seq + 1)).astype(np.int32)
-  batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "positions": np.arange(seq, dtype=np.int32)[None],
-           "segment_ids": np.ones((1, seq), np.int32), "loss_mask": np.ones((1, seq), np.float32),
-           "component": np.zeros(1, np.int32)}
-  batch = {k: jnp.asarray(v) for k, v in batch.items()}
-  train_step = jax.jit(step.make_train_step(graphdef, tx, train, 1), donate_argnums=(0,))
-  compiled = train_step.lower(state, batch).compile()
+  compiled, state, batch = compiled_train_step(config, seq, 1)
   temp = compiled.memory_analysis().temp_size_in_bytes
   seconds = []
   for _ in range(repeats):  # the first run also pays for touching every buffer once

@@ -13,6 +13,7 @@ import sys
 
 import numpy as np
 import pytest
+from training_runs import assert_same_training
 
 from pretrain import config as config_lib
 from pretrain import schema
@@ -154,12 +155,5 @@ def test_training_with_the_sequence_split_4_ways_matches_one_device_and_refuses_
   # 8 devices: tokens 4 ways over context; rows 2 ways over expert (in the batch rule), where the
   # routed experts gather their group's tokens.
   _run(TRAIN_SCRIPT, json.dumps(experiment(tmp_path / "split", data=1, context=4, expert=2)))
-  one, split = (_metrics(tmp_path / name) for name in ("one", "split"))
-  assert len(one["loss"]) == 2 and one["loss"][0] != one["loss"][1]
-  for key in ("loss", "grad_norm"):
-    np.testing.assert_allclose(split[key], one[key], atol=1e-5, rtol=1e-5, err_msg=key)
+  assert_same_training(tmp_path / "split", tmp_path / "one")
 
-
-def _metrics(workdir) -> dict[str, list[float]]:
-  rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-  return {key: [row[key] for row in rows] for key in ("loss", "grad_norm")}

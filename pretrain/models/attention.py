@@ -1,15 +1,20 @@
 """Causal dot-product attention over packed sequences.
 
 `attend` picks the implementation (the model config's `attention_implementation`):
-`blockwise` (blockwise_attention.py: memory linear in the sequence, causal blocks
-skipped; what `auto` uses) or `reference`, below. With the sequence split over the
-`context` mesh axis (the layer's `context_parallel`, set by the trainer), it is ring
-attention over the split (context_parallel.py), whatever the implementation.
+- `blockwise` (blockwise_attention.py): FlashAttention-2 in pure JAX, memory linear in
+  the sequence, causal blocks skipped; runs anywhere.
+- `splash` (splash_attention.py): JAX's Pallas splash attention kernel for TPUs.
+- `cudnn` (cudnn_attention.py): cuDNN's fused flash attention on NVIDIA GPUs (bfloat16/float16).
+- `reference`, below: the [S, T] scores in full; for tests and short CPU runs.
+- `auto`: splash on TPU, cuDNN on a GPU where it supports the operands, else blockwise.
+With the sequence split over the `context` mesh axis (the layer's `context_parallel`, set
+by the trainer), it is ring attention over the split (context_parallel.py), whatever the
+implementation.
 
-The reference path: it materialises the [S, T] score matrix per head, so its memory
-is quadratic in the sequence; fine for tests and short CPU runs. Scores and softmax
-run in float32 whatever the compute dtype. Query/key and value head dims may differ
-(MLA: 192 vs 128), and key/value heads may be fewer than query heads (GQA).
+The reference path materialises the [S, T] score matrix per head, so its memory is
+quadratic in the sequence. Scores and softmax run in float32 whatever the compute dtype.
+Query/key and value head dims may differ (MLA: 192 vs 128), and key/value heads may be
+fewer than query heads (GQA). Every implementation matches it within 1e-5 in float32.
 """
 
 from __future__ import annotations
@@ -17,10 +22,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from pretrain.models import blockwise_attention
+from pretrain.models import blockwise_attention, cudnn_attention, splash_attention
 from pretrain.models import context_parallel as context_parallel_lib
 
-IMPLEMENTATIONS = ("auto", "reference", "blockwise")
+IMPLEMENTATIONS = ("auto", "reference", "blockwise", "splash", "cudnn")
 
 
 def attend(q_BxSxNxK, k_BxSxMxK, v_BxSxMxV, *, scale: float, segment_ids_BxS: jnp.ndarray | None = None,
@@ -28,17 +33,37 @@ def attend(q_BxSxNxK, k_BxSxMxK, v_BxSxMxV, *, scale: float, segment_ids_BxS: jn
            context_parallel: context_parallel_lib.ContextParallel | None = None) -> jnp.ndarray:
   """Causal attention within packed documents -> [B, S, N, V], by the named implementation.
 
-  With `context_parallel`, S is in its zigzag order (context_parallel.to_zigzag) and split over the mesh.
+  `context_parallel` says how the mesh splits the operands (None on one device); when it splits
+  the sequence, S is in its zigzag order (context_parallel.to_zigzag).
   """
-  if context_parallel is not None:
+  if context_parallel is not None and context_parallel.ways > 1:
     return context_parallel_lib.attention(context_parallel, q_BxSxNxK, k_BxSxMxK, v_BxSxMxV, scale=scale,
                                           segment_ids_BxS=segment_ids_BxS)
-  if implementation in ("auto", "blockwise"):
+  implementation = resolve(implementation, q_BxSxNxK, v_BxSxMxV)
+  if implementation == "blockwise":
     return blockwise_attention.blockwise_attention(q_BxSxNxK, k_BxSxMxK, v_BxSxMxV, scale=scale,
                                                    segment_ids_BxS=segment_ids_BxS)
+  if implementation == "splash":
+    return splash_attention.splash_attention(q_BxSxNxK, k_BxSxMxK, v_BxSxMxV, scale=scale,
+                                             segment_ids_BxS=segment_ids_BxS, sharding=context_parallel)
+  if implementation == "cudnn":
+    return cudnn_attention.cudnn_attention(q_BxSxNxK, k_BxSxMxK, v_BxSxMxV, scale=scale,
+                                           segment_ids_BxS=segment_ids_BxS)
   if implementation == "reference":
     return dot_product_attention(q_BxSxNxK, k_BxSxMxK, v_BxSxMxV, scale=scale, segment_ids_BxS=segment_ids_BxS)
   raise ValueError(f"unknown attention implementation {implementation!r}; allowed: {IMPLEMENTATIONS}")
+
+
+def resolve(implementation: str, q_BxSxNxK, v_BxSxMxV) -> str:
+  """The implementation `auto` stands for on this backend and these operands; others unchanged."""
+  if implementation != "auto":
+    return implementation
+  backend = jax.default_backend()
+  if backend == "tpu":
+    return "splash"
+  if backend == "gpu" and cudnn_attention.unsupported_reason(q_BxSxNxK, v_BxSxMxV) is None:
+    return "cudnn"
+  return "blockwise"
 
 
 def attention_mask(segment_ids_BxS: jnp.ndarray | None, seq_len: int, batch: int) -> jnp.ndarray:

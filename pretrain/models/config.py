@@ -59,7 +59,7 @@ class Qwen2Config:
   tie_word_embeddings: bool = False
   max_position_embeddings: int = 32768
   # How attention computes (pretrain/models/attention.py); not part of the checkpoint.
-  attention_implementation: Literal["auto", "reference", "blockwise"] = "auto"
+  attention_implementation: Literal["auto", "reference", "blockwise", "splash", "cudnn"] = "auto"
   bos_token_id: int | None = None
   eos_token_id: int | None = None
   initializer_range: float = 0.02
@@ -117,7 +117,7 @@ class DeepseekV2Config:
   # How routed experts compute (pretrain/models/grouped_experts.py); not part of the checkpoint.
   moe_implementation: Literal["auto", "ragged_dot", "blocked"] = "auto"
   # How attention computes (pretrain/models/attention.py); not part of the checkpoint.
-  attention_implementation: Literal["auto", "reference", "blockwise"] = "auto"
+  attention_implementation: Literal["auto", "reference", "blockwise", "splash", "cudnn"] = "auto"
   # positions and the rest
   rope_theta: float = 10000.0
   rope_scaling: RopeScaling = dataclasses.field(default_factory=RopeScaling)

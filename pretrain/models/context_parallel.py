@@ -93,8 +93,8 @@ def attention(parallel: ContextParallel, q_BxSxNxK, k_BxSxMxK, v_BxSxMxV, *, sca
   if seq % (2 * ways):
     raise ValueError(f"context parallelism over {ways} devices needs the sequence ({seq}) divisible by {2 * ways}")
   mesh = parallel.mesh
-  rows = _dividing(parallel.batch_axes, batch, mesh)
-  heads = _dividing(parallel.head_axes, math.gcd(num_heads, kv_heads), mesh)
+  rows = dividing(parallel.batch_axes, batch, mesh)
+  heads = dividing(parallel.head_axes, math.gcd(num_heads, kv_heads), mesh)
   tokens = PartitionSpec(rows, parallel.seq_axes)
   per_head = PartitionSpec(rows, parallel.seq_axes, heads, None)
   ring = _Ring(parallel.seq_axes, ways)
@@ -115,7 +115,7 @@ def attention(parallel: ContextParallel, q_BxSxNxK, k_BxSxMxK, v_BxSxMxV, *, sca
   )(q_BxSxNxK, k_BxSxMxK, v_BxSxMxV, segment_ids_BxS)
 
 
-def _dividing(axes: tuple[str, ...], size: int, mesh: Mesh):
+def dividing(axes: tuple[str, ...], size: int, mesh: Mesh):
   """The longest prefix of `axes` whose devices divide `size`, as a PartitionSpec entry."""
   axes = list(axes)
   while axes and size % math.prod(mesh.shape[a] for a in axes):

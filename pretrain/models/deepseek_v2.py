@@ -38,7 +38,7 @@ class MLAttention(nnx.Module):
     self.kv_b_proj = layers.param(rngs, (config.kv_lora_rank, n, nope + config.v_head_dim),
                                   ("kv_lora", "heads", "head_dim"), std)
     self.o_proj = layers.param(rngs, (n, config.v_head_dim, d), ("heads", "head_dim", "embed"), std)
-    self.context_parallel: ContextParallel | None = None  # set by the trainer when the sequence is split
+    self.context_parallel: ContextParallel | None = None  # set by the trainer: how the mesh splits attention
 
   def __call__(self, x_BxSxD, positions_BxS, segment_ids_BxS):
     c = self.config

@@ -22,7 +22,7 @@ class Qwen2Attention(nnx.Module):
     self.v_bias = layers.zeros((m, h), ("kv_heads", "head_dim"))
     self.o_proj = layers.param(rngs, (n, h, d), ("heads", "head_dim", "embed"), std)
     self.config = config
-    self.context_parallel: ContextParallel | None = None  # set by the trainer when the sequence is split
+    self.context_parallel: ContextParallel | None = None  # set by the trainer: how the mesh splits attention
 
   def __call__(self, x_BxSxD, positions_BxS, segment_ids_BxS):
     dtype = x_BxSxD.dtype

@@ -115,13 +115,15 @@ def plan_activation_sharding(model: nnx.Module, mesh: Mesh, rules: AxisRules) ->
 
 
 def plan_context_parallelism(model: nnx.Module, mesh: Mesh, rules: AxisRules) -> None:
-  """Sets each attention layer's `context_parallel` where the rules split the sequence over the mesh.
+  """Tells each attention layer how the mesh splits its operands (`context_parallel`; None on one device).
 
-  The trainer then feeds rows in zigzag order (context_parallel.to_zigzag).
+  Where the rules split the sequence, attention is ring attention and the trainer feeds rows
+  in zigzag order (context_parallel.to_zigzag); otherwise a kernel that cannot be partitioned
+  automatically (splash) runs in a shard_map over the batch and head axes.
   """
-  seq = sequence_axes(mesh, rules)
   parallel = None
-  if seq:
+  if mesh.size > 1:
+    seq = sequence_axes(mesh, rules)
     heads = tuple(a for a in _rule(rules, "heads")
                   if a in mesh.shape and mesh.shape[a] > 1 and a not in seq + batch_axes(mesh, rules))
     parallel = context_parallel.ContextParallel(mesh, batch_axes(mesh, rules), seq, heads)
