@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from training_runs import assert_same_training
+from training_runs import assert_same_training, two_step_experiment
 
 from pretrain.models import attention, cudnn_attention
 from pretrain.models.splash_attention import splash_attention
@@ -106,21 +106,12 @@ print("ok")
 
 def test_splash_under_a_mesh_and_in_training_equals_one_device_blockwise(data_dir, tmp_path):
   from pretrain import config as config_lib
-  from pretrain import schema
   from pretrain.models import presets
   from pretrain.train import trainer
 
   def experiment(workdir, implementation, **mesh):
     model = presets.get("tiny-qwen2", num_hidden_layers=1, vocab_size=512, attention_implementation=implementation)
-    return {
-        "model": schema.to_dict(model),
-        "data": {"mixture": str(data_dir / "mixture.py"), "prepared_dir": str(data_dir / "prepared"),
-                 "tokenizer": str(data_dir / "tokenizer"), "train_tokenizer_vocab_size": 512, "seq_len": 128,
-                 "global_batch_size": 2},
-        "train": {"workdir": str(workdir), "steps": 2, "log_every": 1, "checkpoint_every": 2, "mesh": mesh,
-                  "optimizer": {"peak_learning_rate": 1e-2, "warmup_steps": 0}},
-        "seed": 0,
-    }
+    return two_step_experiment(data_dir, workdir, model, seq_len=128, global_batch_size=2, **mesh)
 
   trainer.train(config_lib.parse_experiment(experiment(tmp_path / "one", "blockwise")), log=lambda m: None)
   out = subprocess.run([sys.executable, "-c", MESH_SCRIPT,

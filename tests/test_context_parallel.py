@@ -13,10 +13,9 @@ import sys
 
 import numpy as np
 import pytest
-from training_runs import assert_same_training
+from training_runs import assert_same_training, two_step_experiment
 
 from pretrain import config as config_lib
-from pretrain import schema
 from pretrain.models import context_parallel, presets
 from pretrain.train import trainer
 
@@ -140,16 +139,7 @@ def test_training_with_the_sequence_split_4_ways_matches_one_device_and_refuses_
   model = presets.get("tiny-deepseek-v2", num_hidden_layers=1, first_k_dense_replace=0, vocab_size=512)
 
   def experiment(workdir, **mesh):
-    return {
-        "model": schema.to_dict(model),
-        "data": {"mixture": str(data_dir / "mixture.py"), "prepared_dir": str(data_dir / "prepared"),
-                 "tokenizer": str(data_dir / "tokenizer"), "train_tokenizer_vocab_size": 512, "seq_len": 64,
-                 "global_batch_size": 4},
-        # No warmup: the first update has the peak learning rate, so the second loss shows the gradients.
-        "train": {"workdir": str(workdir), "steps": 2, "log_every": 1, "checkpoint_every": 2, "mesh": mesh,
-                  "optimizer": {"peak_learning_rate": 1e-2, "warmup_steps": 0}},
-        "seed": 0,
-    }
+    return two_step_experiment(data_dir, workdir, model, seq_len=64, global_batch_size=4, **mesh)
 
   trainer.train(config_lib.parse_experiment(experiment(tmp_path / "one")), log=lambda m: None)
   # 8 devices: tokens 4 ways over context; rows 2 ways over expert (in the batch rule), where the
