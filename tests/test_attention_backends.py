@@ -187,3 +187,17 @@ def test_cudnn_wrapper_gives_the_kernel_uniform_strides_and_matches_reference(mo
   np.testing.assert_allclose(got_out, want_out, atol=1e-5, rtol=1e-5)
   for name, got, want in zip("qkv", got_grads, want_grads):
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5, err_msg=f"d{name}")
+
+
+def test_training_with_cudnn_off_a_gpu_fails_before_anything_is_written(data_dir, tmp_path):
+  from pretrain import config as config_lib
+  from pretrain.models import presets
+  from pretrain.schema import ConfigError
+  from pretrain.train import trainer
+
+  model = presets.get("tiny-deepseek-v2", num_hidden_layers=1, vocab_size=512, attention_implementation="cudnn")
+  experiment = two_step_experiment(data_dir, tmp_path / "run", model, seq_len=64, global_batch_size=2)
+  with pytest.raises(ConfigError, match=r"config\.model\.attention_implementation: 'cudnn' cannot run here: "
+                                        r"it needs an NVIDIA GPU"):
+    trainer.train(config_lib.parse_experiment(experiment), log=lambda m: None)
+  assert not (tmp_path / "run").exists()

@@ -66,6 +66,18 @@ def resolve(implementation: str, q_BxSxNxK, v_BxSxMxV) -> str:
   return "blockwise"
 
 
+def unavailable_reason(implementation: str, dtype, qk_dim: int, v_dim: int) -> str | None:
+  """Why the named implementation cannot run here for a model with these head dims, or None.
+
+  Checked by the trainer before anything runs (the kernels themselves would fail mid-trace).
+  """
+  if implementation not in IMPLEMENTATIONS:
+    return f"unknown implementation {implementation!r}; allowed: {', '.join(IMPLEMENTATIONS)}"
+  if implementation == "cudnn":
+    return cudnn_attention.unsupported_reason(jnp.zeros((1, 1, 1, qk_dim), dtype), jnp.zeros((1, 1, 1, v_dim), dtype))
+  return None
+
+
 def attention_mask(segment_ids_BxS: jnp.ndarray | None, seq_len: int, batch: int) -> jnp.ndarray:
   """[B, 1, S, S] bool: causal, and within one packed document when segment ids are given."""
   causal_SxS = jnp.tril(jnp.ones((seq_len, seq_len), dtype=bool))

@@ -82,9 +82,13 @@ def unsupported_reason(q_BxSxNxK, v_BxSxMxV) -> str | None:
   return None
 
 
-def cudnn_attention(q_BxSxNxK, k_BxSxMxK, v_BxSxMxV, *, scale: float,
-                    segment_ids_BxS: jnp.ndarray | None = None) -> jnp.ndarray:
-  """softmax(q k^T * scale + causal/document mask) v -> [B, S, N, V], by cuDNN (raises where it cannot run)."""
+def cudnn_attention(q_BxSxNxK, k_BxSxMxK, v_BxSxMxV, *, scale: float, segment_ids_BxS: jnp.ndarray | None = None,
+                    uniform_strides: bool = True) -> jnp.ndarray:
+  """softmax(q k^T * scale + causal/document mask) v -> [B, S, N, V], by cuDNN (raises where it cannot run).
+
+  `uniform_strides=False` hands packed GQA/MLA operands over as they are: only for finding out on a
+  GPU whether JAX's packed layout gets their strides right (bench/gpu.py reports it).
+  """
   reason = unsupported_reason(q_BxSxNxK, v_BxSxMxV)
   if reason:
     raise ValueError(f"attention_implementation='cudnn' cannot run: {reason}")
@@ -96,9 +100,10 @@ def cudnn_attention(q_BxSxNxK, k_BxSxMxK, v_BxSxMxV, *, scale: float,
   # JAX turns both offset arrays into element offsets with q's per-token stride (N * K), so k, v
   # (and the output) must have that stride too: kv heads repeated to N, v's head dim padded to K.
   num_heads, qk_dim, v_dim = q_BxSxNxK.shape[2], q_BxSxNxK.shape[3], v_BxSxMxV.shape[3]
-  group = num_heads // k_BxSxMxK.shape[2]
+  group = num_heads // k_BxSxMxK.shape[2] if uniform_strides else 1
   k_BxSxNxK = jnp.repeat(k_BxSxMxK, group, axis=2)
-  v_BxSxNxK = jnp.pad(jnp.repeat(v_BxSxMxV, group, axis=2), ((0, 0), (0, 0), (0, 0), (0, qk_dim - v_dim)))
+  pad = qk_dim - v_dim if uniform_strides else 0
+  v_BxSxNxK = jnp.pad(jnp.repeat(v_BxSxMxV, group, axis=2), ((0, 0), (0, 0), (0, 0), (0, pad)))
   out_BxSxNxK = cudnn.dot_product_attention(
       q_BxSxNxK, k_BxSxNxK, v_BxSxNxK, q_seqlen=seqlen_BxS, kv_seqlen=seqlen_BxS, q_offsets=offsets_BxS1,
       kv_offsets=offsets_BxS1, scale=scale, mask_type=cudnn.MaskType.PADDING_CAUSAL, qkv_layout="BTNH")

@@ -27,7 +27,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from pretrain import models, schema
 from pretrain.config import ExperimentConfig
 from pretrain.data import global_batch, pipeline, workspace
-from pretrain.models import context_parallel
+from pretrain.models import attention, causal_lm, context_parallel
 from pretrain.schema import ConfigError
 from pretrain.train import checkpoint, distributed, flops, metrics, optimizer, sharding, step
 from pretrain.train.config import TrainConfig
@@ -50,6 +50,7 @@ def train(experiment: ExperimentConfig, *, log=print) -> dict[str, Any]:
   # 1. Mesh and batch split: checked before anything is written.
   mesh = sharding.make_mesh(cfg.mesh)
   check_batch_split(experiment, mesh)
+  check_attention(model_config)
   if cfg.init_from and not pathlib.Path(cfg.init_from).expanduser().exists():
     raise ConfigError("config.train.init_from", f"{cfg.init_from} does not exist")
 
@@ -96,6 +97,17 @@ def train(experiment: ExperimentConfig, *, log=print) -> dict[str, Any]:
   train_step = jit_step(plan, cfg, len(mixture.components))
   return _loop(experiment, state, train_step, data_iter, checkpoints, plan.batch_sharding,
                sharding.context_ways(mesh, cfg.axis_rules), mixture, log)
+
+
+def check_attention(model_config) -> None:
+  """The model's attention implementation can run on this backend with its dtype and head dims."""
+  qk_dim = getattr(model_config, "qk_head_dim", None) or model_config.head_dim
+  v_dim = getattr(model_config, "v_head_dim", qk_dim)
+  reason = attention.unavailable_reason(model_config.attention_implementation, causal_lm.DTYPES[model_config.dtype],
+                                        qk_dim, v_dim)
+  if reason:
+    raise ConfigError("config.model.attention_implementation",
+                      f"{model_config.attention_implementation!r} cannot run here: {reason}")
 
 
 def check_batch_split(experiment: ExperimentConfig, mesh) -> None:
