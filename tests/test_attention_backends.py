@@ -7,7 +7,8 @@ K != V, packed documents, a sequence that is not whole blocks), alone and under 
 GPU: here the packed layout we hand it (runs of segment ids as offsets and lengths) is
 checked to describe exactly the reference's mask, our wrapper is run against a plain-JAX
 emulation of the kernel's packed semantics (GQA and MLA operands must reach it with q's
-shape), and asking for cuDNN off a GPU is refused by name. tests/test_gpu.py runs the kernel itself where a GPU exists.
+shape), both models' cuDNN calls are traced through JAX's own checks with a GPU pretended,
+and asking for cuDNN off a GPU is refused by name (in training, before anything is written). tests/test_gpu.py runs the kernel itself where a GPU exists.
 """
 
 from __future__ import annotations
@@ -201,3 +202,28 @@ def test_training_with_cudnn_off_a_gpu_fails_before_anything_is_written(data_dir
                                         r"it needs an NVIDIA GPU"):
     trainer.train(config_lib.parse_experiment(experiment), log=lambda m: None)
   assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("preset", ["tiny-qwen2", "tiny-deepseek-v2"])
+def test_cudnn_path_traces_through_jax_checks_in_a_model_forward_and_backward(monkeypatch, preset):
+  """With a GPU pretended (cuDNN 9.10, Hopper), JAX's own argument checks of the cuDNN call accept what
+  the models (GQA; MLA's 192/128 dims) pass, forward and backward, packed or not. Tracing only: the
+  kernel cannot be lowered for CPU."""
+  from jax._src.cudnn import fused_attention_stablehlo
+  from flax import nnx
+
+  from pretrain import models
+  from pretrain.models import presets
+  monkeypatch.setattr(fused_attention_stablehlo, "check_cudnn_version", lambda: 91000)
+  monkeypatch.setattr(fused_attention_stablehlo, "check_compute_capability", lambda capability: True)
+  monkeypatch.setattr(cudnn_attention, "unsupported_reason", lambda q, v: None)
+  config = presets.get(preset, num_hidden_layers=1, vocab_size=128, attention_implementation="cudnn", dtype="bfloat16")
+  graphdef, params = nnx.split(models.build(config))
+  ids = jnp.zeros((2, 64), jnp.int32)
+  for segment_ids in (jnp.asarray(np.repeat([[1] * 40 + [2] * 20 + [0] * 4], 2, axis=0), jnp.int32), None):
+    def loss(params):
+      hidden, _ = nnx.merge(graphdef, params).features(ids, segment_ids_BxS=segment_ids)
+      return jnp.sum(hidden.astype(jnp.float32))
+    jaxpr = str(jax.make_jaxpr(jax.grad(loss))(params))
+    # cuDNN's own forward and backward primitives, not a fallback
+    assert "dot_product_attention_fwd" in jaxpr and "dot_product_attention_bwd" in jaxpr

@@ -26,9 +26,11 @@ partitions itself over batch and heads (JAX registers its sharding rules), so no
 shard_map is needed here.
 
 No GPU was available where this was written. On CPU (tests/test_attention_backends.py) the
-segment layout is checked to describe the reference mask exactly, and this wrapper, run
+segment layout is checked to describe the reference mask exactly; this wrapper, run
 against a plain-JAX emulation of the kernel's packed semantics, to match the reference with
-its gradients; the kernel itself only by tests/test_gpu.py and bench/gpu.py on a GPU.
+its gradients; and, with a GPU pretended, JAX's own checks of the call to accept what both
+model families pass, forward and backward. The kernel itself runs only in tests/test_gpu.py
+and bench/gpu.py, on a GPU.
 """
 
 from __future__ import annotations
