@@ -39,8 +39,10 @@ LANE = 128  # TPU vector lane width: kernel blocks are multiples of it
 
 
 def default_block(seq: int) -> int:
-  """The kernel's q and kv block for S tokens: 512 (MaxText's default) where S allows, down to 128."""
-  return max(LANE, min(512, 1 << max(0, (seq - 1).bit_length())))
+  """The kernel's q and kv block for S tokens: 512 (MaxText's default), else 256 or 128, whichever
+  divides S rounded up to whole lanes (so padding never exceeds 127 positions)."""
+  lanes = -(-seq // LANE) * LANE
+  return next(b for b in (512, 256, LANE) if lanes % b == 0)
 
 
 @functools.lru_cache(maxsize=64)
