@@ -22,19 +22,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from packed_rows import packed_segment_ids
 from training_runs import assert_same_training, two_step_experiment
 
 from pretrain.models import attention, cudnn_attention
 from pretrain.models.splash_attention import splash_attention
-
-
-def _packed_segment_ids(batch: int, seq: int, seed: int) -> jnp.ndarray:
-  """Rows as the packer makes them: documents 1, 2, ... of random lengths, then padding (0)."""
-  rng, rows = np.random.default_rng(seed), []
-  for _ in range(batch):
-    ids = np.repeat(np.arange(1, seq + 1), rng.integers(1, seq // 3, size=seq))[:seq - rng.integers(1, seq // 4)]
-    rows.append(np.pad(ids, (0, seq - len(ids))))
-  return jnp.asarray(np.stack(rows), jnp.int32)
 
 
 def _inputs(batch, seq, heads, kv_heads, qk_dim, v_dim, seed=0):
@@ -59,7 +51,7 @@ def _value_and_grads(fn, q, k, v, cotangent, segment_ids):
 ])
 def test_splash_matches_reference_forward_and_gradients(heads, kv_heads, qk_dim, v_dim, seq, block, packed):
   q, k, v, cotangent = _inputs(2, seq, heads, kv_heads, qk_dim, v_dim)
-  segment_ids = _packed_segment_ids(2, seq, seed=seq) if packed else None
+  segment_ids = packed_segment_ids(2, seq, seed=seq) if packed else None
   want_out, want_grads = _value_and_grads(attention.dot_product_attention, q, k, v, cotangent, segment_ids)
   splash = functools.partial(splash_attention, block=block, interpret=True)
   got_out, got_grads = _value_and_grads(splash, q, k, v, cotangent, segment_ids)
@@ -132,7 +124,7 @@ def test_cudnn_packed_layout_lists_each_rows_runs():
 
 def test_cudnn_packed_layout_describes_the_reference_mask():
   """Causal within each (offset, length) run: exactly causal-and-same-document for packer rows."""
-  segment_ids = _packed_segment_ids(4, 96, seed=3)
+  segment_ids = packed_segment_ids(4, 96, seed=3)
   seqlen, offsets = (np.asarray(x) for x in cudnn_attention.packed_layout(segment_ids))
   seq = segment_ids.shape[1]
   i, j = np.arange(seq)[:, None], np.arange(seq)[None, :]
@@ -182,7 +174,7 @@ def test_cudnn_wrapper_gives_the_kernel_uniform_strides_and_matches_reference(mo
   monkeypatch.setattr(fused_attention_stablehlo, "dot_product_attention", _emulated_cudnn_packed)
   monkeypatch.setattr(cudnn_attention, "unsupported_reason", lambda q, v: None)
   q, k, v, cotangent = _inputs(2, 48, heads, kv_heads, qk_dim, v_dim)
-  segment_ids = _packed_segment_ids(2, 48, seed=5)
+  segment_ids = packed_segment_ids(2, 48, seed=5)
   want_out, want_grads = _value_and_grads(attention.dot_product_attention, q, k, v, cotangent, segment_ids)
   got_out, got_grads = _value_and_grads(cudnn_attention.cudnn_attention, q, k, v, cotangent, segment_ids)
   np.testing.assert_allclose(got_out, want_out, atol=1e-5, rtol=1e-5)

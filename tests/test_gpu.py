@@ -13,18 +13,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from packed_rows import packed_segment_ids
 
 from pretrain.models import attention, cudnn_attention
 
 pytestmark = pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs an NVIDIA GPU")
-
-
-def _segment_ids(batch: int, seq: int) -> jnp.ndarray:
-  rng, rows = np.random.default_rng(0), []
-  for _ in range(batch):
-    ids = np.repeat(np.arange(1, seq + 1), rng.integers(8, seq // 3, size=seq))[:seq - rng.integers(1, seq // 8)]
-    rows.append(np.pad(ids, (0, seq - len(ids))))
-  return jnp.asarray(np.stack(rows), jnp.int32)
 
 
 @pytest.mark.parametrize("heads,kv_heads,qk_dim,v_dim", [(8, 2, 128, 128), (8, 8, 192, 128)])
@@ -38,7 +31,7 @@ def test_cudnn_matches_reference_on_packed_documents(heads, kv_heads, qk_dim, v_
   q, k, v, cotangent = (jnp.asarray(rng.normal(size=s), jnp.bfloat16) for s in [
       (batch, seq, heads, qk_dim), (batch, seq, kv_heads, qk_dim), (batch, seq, kv_heads, v_dim),
       (batch, seq, heads, v_dim)])
-  segment_ids = _segment_ids(batch, seq)
+  segment_ids = packed_segment_ids(batch, seq, seed=0, min_length=8, padding_divisor=8)
 
   def value_and_grads(impl, dtype):
     run = lambda q, k, v: attention.attend(q, k, v, scale=qk_dim ** -0.5, segment_ids_BxS=segment_ids,

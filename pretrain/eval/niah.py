@@ -40,7 +40,8 @@ import numpy as np
 from pretrain.data import sources
 from pretrain.data.mixture import Mixture
 from pretrain.data.tokenizer import Tokenizer
-from pretrain.eval import flags, load, output
+from pretrain.atomic_file import atomic_file
+from pretrain.eval import flags, load
 from pretrain.schema import ConfigError
 
 PREFIX = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
@@ -284,7 +285,7 @@ def write(result: dict, out_dir) -> tuple[pathlib.Path, pathlib.Path]:
   """niah.json and niah.png in `out_dir`, both or neither."""
   out_dir = pathlib.Path(out_dir)
   json_path, png_path = out_dir / "niah.json", out_dir / "niah.png"
-  with output.atomic_file(json_path) as json_tmp, output.atomic_file(png_path) as png_tmp:
+  with atomic_file(json_path) as json_tmp, atomic_file(png_path) as png_tmp:
     plot(result, png_tmp)
     json_tmp.write_text(json.dumps(result, indent=2) + "\n")
   return json_path, png_path

@@ -39,9 +39,10 @@ import numpy as np
 from pretrain.data import sources
 from pretrain.data.mixture import Mixture
 from pretrain.data.tokenizer import Tokenizer
-from pretrain.eval import flags, load, output
+from pretrain.atomic_file import atomic_file
+from pretrain.eval import flags, load
 from pretrain.schema import ConfigError
-from pretrain.train import fused_cross_entropy
+from pretrain.train import loss
 
 MIN_PADDED_LENGTH = 64
 LOSS_CHUNK = 1024  # tokens per chunk of the fused cross-entropy, as TrainConfig.loss_chunk
@@ -115,12 +116,9 @@ def read_documents(mixture: Mixture, tokenizer: Tokenizer, *, max_documents: int
 
 
 def token_nll(model, inputs_BxS, targets_BxS, mask_BxS):
-  """Per-token nll [B, S] float32 (0 where masked), through the fused chunked cross-entropy."""
+  """Per-token nll [B, S] float32 (0 where masked), through the training loss's fused chunked cross-entropy."""
   h_BxSxD, _ = model.features(inputs_BxS)
-  batch, seq, dim = h_BxSxD.shape
-  _, nll_T = fused_cross_entropy.nll(h_BxSxD.reshape(batch * seq, dim).astype(model.dtype), model.output_weights(),
-                                     targets_BxS.reshape(-1), mask_BxS.reshape(-1), LOSS_CHUNK)
-  return nll_T.reshape(batch, seq)
+  return loss.per_token_nll(model, h_BxSxD, targets_BxS, mask_BxS, LOSS_CHUNK)[1]
 
 
 def score(apply: Callable, documents: Sequence[Document], *, pad_id: int, max_length: int,
@@ -206,7 +204,7 @@ def run(source: load.Source, *, mixture: str, max_documents: int = 100, max_leng
 
 def write(result: dict, out_dir) -> pathlib.Path:
   path = pathlib.Path(out_dir) / "ppl.json"
-  with output.atomic_file(path) as tmp:
+  with atomic_file(path) as tmp:
     tmp.write_text(json.dumps(result, indent=2) + "\n")
   return path
 

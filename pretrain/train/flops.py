@@ -130,16 +130,22 @@ def _probe(device, n: int = 1024, repeats: int = 10) -> tuple[float, str]:
   return peak, source
 
 
+def datasheet_peak(device_kind: str, platform: str = "") -> float | None:
+  """bf16 dense peak FLOP/s of one chip of this kind (`device.device_kind`), or None if the table lacks it."""
+  kind = device_kind.lower()
+  if kind in _TPU_PEAKS:
+    return _TPU_PEAKS[kind]
+  if platform == "gpu" or "nvidia" in kind:
+    return next((peak for name, peak in _NVIDIA_PEAKS if name in kind), None)
+  return None
+
+
 def peak_flops_per_device(device=None) -> tuple[float, str]:
   """(peak FLOP/s of one device, how it was obtained): the datasheet table, else a measured matmul probe."""
   device = device if device is not None else jax.local_devices()[0]
-  kind = device.device_kind.lower()
-  if kind in _TPU_PEAKS:
-    return _TPU_PEAKS[kind], f"datasheet bf16 dense ({device.device_kind})"
-  if device.platform == "gpu" or "nvidia" in kind:
-    for name, peak in _NVIDIA_PEAKS:
-      if name in kind:
-        return peak, f"datasheet bf16 dense ({device.device_kind})"
+  peak = datasheet_peak(device.device_kind, device.platform)
+  if peak is not None:
+    return peak, f"datasheet bf16 dense ({device.device_kind})"
   key = (device.platform, device.device_kind)
   if key not in _PROBE_CACHE:  # once per process: the probe costs a compile and a few matmuls
     peak, source = _probe(device)

@@ -23,17 +23,27 @@ import jax.numpy as jnp
 from pretrain.train import fused_cross_entropy
 
 
+def per_token_nll(model, h_BxSxD: jax.Array, targets_BxS: jax.Array, loss_mask_BxS: jax.Array,
+                  chunk: int) -> tuple[jax.Array, jax.Array]:
+  """(masked nll sum, differentiable; masked nll per token [B, S], not differentiable), float32.
+
+  A masked position's target may be anything (padding), even out of range.
+  """
+  batch, seq, dim = h_BxSxD.shape
+  total, nll_T = fused_cross_entropy.nll(h_BxSxD.reshape(batch * seq, dim).astype(model.dtype),
+                                         model.output_weights(), targets_BxS.reshape(-1),
+                                         loss_mask_BxS.reshape(-1), chunk)
+  return total, nll_T.reshape(batch, seq)
+
+
 def token_nll(model, h_BxSxD: jax.Array, targets_BxS: jax.Array, loss_mask_BxS: jax.Array,
               chunk: int) -> tuple[jax.Array, jax.Array, jax.Array]:
   """(masked nll sum, differentiable; nll sum per row [B] and loss-mask count per row [B], for metrics).
 
   All float32. A masked position's target may be anything (padding), even out of range.
   """
-  batch, seq, dim = h_BxSxD.shape
-  total, nll_T = fused_cross_entropy.nll(h_BxSxD.reshape(batch * seq, dim).astype(model.dtype),
-                                         model.output_weights(), targets_BxS.reshape(-1),
-                                         loss_mask_BxS.reshape(-1), chunk)
-  return total, nll_T.reshape(batch, seq).sum(axis=-1), loss_mask_BxS.astype(jnp.float32).sum(axis=-1)
+  total, nll_BxS = per_token_nll(model, h_BxSxD, targets_BxS, loss_mask_BxS, chunk)
+  return total, nll_BxS.sum(axis=-1), loss_mask_BxS.astype(jnp.float32).sum(axis=-1)
 
 
 def loss_and_metrics(model, batch: dict, *, chunk: int, num_components: int, normalizer: jax.Array | None = None,

@@ -48,7 +48,7 @@ from pretrain import models
 from pretrain.config import ExperimentConfig
 from pretrain.models.config import DeepseekV2Config, ModelConfig, RopeScaling
 from pretrain.schema import ConfigError
-from pretrain.train import activation_memory, flops, sharding
+from pretrain.train import activation_memory, flops, sharding, trainer
 from pretrain.train.activation_memory import F32, Local
 
 GIB = 2**30
@@ -67,19 +67,22 @@ class Accelerator:
   max_tensor: int | None = None
 
 
-# Per chip, from the vendors' datasheets: HBM capacity and bf16 dense (no sparsity) peak FLOP/s, the
-# same peaks as train/flops.py. Cloud TPU system architecture pages (v4: 32 GiB, 275 TF; v5e: 16 GiB,
-# 197 TF; v5p: 95 GiB, 459 TF; v6e Trillium: 32 GiB, 918 TF); NVIDIA A100 (40/80 GB, 312 TF), H100 SXM
-# (80 GB, 989 TF) and H200 (141 GB, the H100's 989 TF) datasheets.
+# Per chip: HBM capacity from the vendors' datasheets (Cloud TPU system architecture pages: v4 32 GiB,
+# v5e 16 GiB, v5p 95 GiB, v6e Trillium 32 GiB; NVIDIA A100 40/80 GB, H100 SXM 80 GB, H200 141 GB) and
+# the bf16 dense peak of train/flops.py's table, the one the trainer's MFU uses.
+def _chip(name: str, memory_bytes: int, platform: str, **kwargs) -> Accelerator:
+  return Accelerator(name, memory_bytes, flops.datasheet_peak(name, platform), platform, **kwargs)
+
+
 ACCELERATORS: dict[str, Accelerator] = {
-    "v4": Accelerator("TPU v4", 32 * GIB, 275e12, "tpu"),
-    "v5e": Accelerator("TPU v5e", 16 * GIB, 197e12, "tpu"),
-    "v5p": Accelerator("TPU v5p", 95 * GIB, 459e12, "tpu"),
-    "v6e": Accelerator("TPU v6e", 32 * GIB, 918e12, "tpu"),
-    "a100-40gb": Accelerator("A100 40GB", 40 * GIB, 312e12, "gpu", max_tensor=8),
-    "a100-80gb": Accelerator("A100 80GB", 80 * GIB, 312e12, "gpu", max_tensor=8),
-    "h100": Accelerator("H100 SXM", 80 * GIB, 989e12, "gpu", max_tensor=8),
-    "h200": Accelerator("H200", 141 * 10**9, 989e12, "gpu", max_tensor=8),
+    "v4": _chip("TPU v4", 32 * GIB, "tpu"),
+    "v5e": _chip("TPU v5e", 16 * GIB, "tpu"),
+    "v5p": _chip("TPU v5p", 95 * GIB, "tpu"),
+    "v6e": _chip("TPU v6e", 32 * GIB, "tpu"),
+    "a100-40gb": _chip("A100 40GB", 40 * GIB, "gpu", max_tensor=8),
+    "a100-80gb": _chip("A100 80GB", 80 * GIB, "gpu", max_tensor=8),
+    "h100": _chip("H100 SXM", 80 * GIB, "gpu", max_tensor=8),
+    "h200": _chip("H200", 141 * 10**9, "gpu", max_tensor=8),
 }
 
 
@@ -314,11 +317,7 @@ def _local(experiment: ExperimentConfig, mesh: dict[str, int], accel: Accelerato
   seq_axes = sharding.sequence_axes(fake, rules)
   batch_ways = math.prod(mesh[a] for a in batch_axes)
   context = math.prod(mesh[a] for a in seq_axes)
-  if data.global_batch_size % (batch_ways * cfg.microbatches):
-    raise ConfigError("config.data.global_batch_size", f"{data.global_batch_size} does not split into {batch_ways} "
-                      f"batch shards x {cfg.microbatches} microbatches")
-  if data.seq_len % (2 * context if context > 1 else 1):
-    raise ConfigError("config.data.seq_len", f"{data.seq_len} does not split into 2 x {context} context chunks")
+  trainer.check_batch_split(experiment, fake)  # the trainer's own checks, on a mesh of sizes only
   taken = batch_axes + seq_axes
   rows_per_step = data.global_batch_size // batch_ways
   rows, seq = rows_per_step // cfg.microbatches, data.seq_len // context

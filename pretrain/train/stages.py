@@ -16,6 +16,7 @@ import json
 import pathlib
 from typing import Any
 
+from pretrain.atomic_file import atomic_file
 from pretrain.config import ExperimentConfig
 from pretrain.schema import ConfigError
 from pretrain.train import distributed, trainer
@@ -65,8 +66,7 @@ def run(experiment: ExperimentConfig, *, log=print) -> dict[str, Any]:
     if last.get("stopped_early"):
       return last  # SIGTERM: the stage saved its step; the same command continues it
     if distributed.is_main_process():  # the work directory is shared by all processes of a pod
-      tmp = done.with_suffix(".tmp")
-      tmp.write_text(json.dumps({"stage": name, "steps": stage_experiment.train.steps}) + "\n")
-      tmp.replace(done)
+      with atomic_file(done) as tmp:
+        tmp.write_text(json.dumps({"stage": name, "steps": stage_experiment.train.steps}) + "\n")
     distributed.barrier(f"stage {name} done")
   return last

@@ -25,6 +25,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from pretrain import models, schema
+from pretrain.atomic_file import atomic_file
 from pretrain.config import ExperimentConfig
 from pretrain.data import global_batch, pipeline, workspace
 from pretrain.models import attention, causal_lm, context_parallel
@@ -60,10 +61,9 @@ def train(experiment: ExperimentConfig, *, log=print) -> dict[str, Any]:
 
   # 3. Data: prepared on first use (the built-in default; by process 0, the others wait and then read
   # the finished shards), then this process's share.
-  if distributed.is_main_process():
-    workspace.ensure_prepared(data, log=log)
+  prepared = workspace.ensure_prepared(data, log=log) if distributed.is_main_process() else None
   distributed.barrier("data prepared")
-  mixture, tokenizer, _ = workspace.ensure_prepared(data, log=lambda *_: None)
+  mixture, tokenizer, _ = prepared or workspace.ensure_prepared(data, log=lambda *_: None)
   if tokenizer.vocab_size > model_config.vocab_size:
     raise ConfigError("config.model.vocab_size", f"{model_config.vocab_size} is smaller than the tokenizer's "
                       f"{tokenizer.vocab_size} tokens ({tokenizer.path})")
@@ -294,10 +294,8 @@ def _check_workdir(workdir: pathlib.Path, experiment: ExperimentConfig) -> None:
       raise ConfigError(f"config.model.{differ[0]}", f"{workdir} holds a run of another model ({differ[0]} "
                         f"{found.get(differ[0])!r} there, {wanted[differ[0]]!r} here); use another workdir")
   if fresh and distributed.is_main_process():
-    workdir.mkdir(parents=True, exist_ok=True)
-    tmp = file.with_suffix(".tmp")
-    tmp.write_text(json.dumps(schema.to_dict(experiment), indent=2) + "\n")
-    tmp.replace(file)
+    with atomic_file(file) as tmp:
+      tmp.write_text(json.dumps(schema.to_dict(experiment), indent=2) + "\n")
   distributed.barrier("work directory")
 
 

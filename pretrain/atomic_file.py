@@ -1,4 +1,4 @@
-"""Evaluation outputs, written whole or not at all: a temporary sibling file, renamed into place."""
+"""Files written whole or not at all (run and stage markers, evaluation reports): a temporary sibling, renamed into place."""
 
 from __future__ import annotations
 
