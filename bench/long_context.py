@@ -21,6 +21,8 @@ import subprocess
 import sys
 import time
 
+from pretrain import host_allocator
+
 CHILD = "--child"
 
 
@@ -74,4 +76,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+  host_allocator.reexec_tuned()  # as `pretrain train` runs
   main()

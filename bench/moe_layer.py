@@ -16,6 +16,7 @@ import time
 import jax
 from flax import nnx
 
+from pretrain import host_allocator
 from pretrain.models import moe, presets
 
 
@@ -66,4 +67,5 @@ def _with_impl(layer: moe.DeepseekMoE, implementation: str) -> moe.DeepseekMoE:
 
 
 if __name__ == "__main__":
+  host_allocator.reexec_tuned()  # as `pretrain train` runs
   main()

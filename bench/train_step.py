@@ -3,7 +3,8 @@
   .venv/bin/python bench/train_step.py            # both configs of the trainer issue, CPU
   .venv/bin/python bench/train_step.py --only moe --rounds 5
 
-Same model shape, batch (4 x 512 tokens), AdamW and float32 on both sides, one process.
+Same model shape, batch (4 x 512 tokens), AdamW and float32 on both sides, one process,
+run as `pretrain train` runs (host_allocator.py's malloc settings, which help both sides).
 The two sides run in alternating rounds (3 steps each, 3 rounds by default) and each
 side's best round counts, so a shared machine's drifting speed does not favour either.
 Prints tokens/s for each, their ratio, and our MFU against the measured matmul peak.
@@ -19,6 +20,7 @@ import jax
 import numpy as np
 from step_setup import compiled_train_step
 
+from pretrain import host_allocator
 from pretrain.models import presets
 from pretrain.train import flops
 from pretrain.train.config import TrainConfig
@@ -112,4 +114,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+  host_allocator.reexec_tuned()  # as `pretrain train` runs
   main()

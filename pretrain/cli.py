@@ -25,6 +25,7 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 
+from pretrain import host_allocator
 from pretrain.convert.errors import ConversionError
 from pretrain.schema import ConfigError
 
@@ -325,11 +326,18 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, Callable]]:
                   "plan": cmd_plan}
 
 
+# The commands that run compiled steps over and over (see host_allocator.py).
+_STEPPING_COMMANDS = ("train", "eval")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+  from_command_line = argv is None
   argv = list(sys.argv[1:] if argv is None else argv)
   config_flags, rest = _split_config_flags(argv)
   parser, commands = _parser()
   args = parser.parse_args(rest)
+  if from_command_line and args.command in _STEPPING_COMMANDS:
+    host_allocator.reexec_tuned()  # the process starts over, with malloc set for XLA:CPU's step buffers
   from pretrain.data.records import CorruptRecordError
   from pretrain.train.trainer import BadStepsError
 
