@@ -337,7 +337,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser, commands = _parser()
   args = parser.parse_args(rest)
   if from_command_line and args.command in _STEPPING_COMMANDS:
-    host_allocator.reexec_tuned()  # the process starts over, with malloc set for XLA:CPU's step buffers
+    host_allocator.reexec_tuned()  # the process starts over, XLA:CPU's step buffers on huge pages
   from pretrain.data.records import CorruptRecordError
   from pretrain.train.trainer import BadStepsError
 
