@@ -111,12 +111,13 @@ def main() -> None:
     if args.only and name != args.only:
       continue
     jax_tps, torch_tps = compare(config, args.steps, args.rounds)
-    utilisation = flops.mfu(jax_tps, flops.flops_per_token(config, SEQ), peak, 1)
+    flops_per_token = flops.flops_per_token(config, SEQ)
+    utilisation = flops.mfu(jax_tps, flops_per_token, peak, 1)
     print(f"{name:<6} ours {jax_tps:10,.0f} tokens/s   transformers+torch {torch_tps:10,.0f} tokens/s   "
           f"ratio {jax_tps / torch_tps:5.2f}x   our MFU {utilisation:6.1%}")
     # What the ratio target asks of the hardware: the model FLOP/s it takes, against the probe.
     target = TARGET_RATIO[name]
-    needed = flops.mfu(target * torch_tps, flops.flops_per_token(config, SEQ), peak, 1)
+    needed = flops.mfu(target * torch_tps, flops_per_token, peak, 1)
     print(f"{'':<6} {target:g}x PyTorch would be {target * torch_tps:,.0f} tokens/s: {needed:.0%} of the measured peak, "
           f"sustained over the whole step")
 

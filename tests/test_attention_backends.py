@@ -114,7 +114,6 @@ def test_splash_under_a_mesh_and_in_training_equals_one_device_blockwise(data_di
   assert_same_training(tmp_path / "splash", tmp_path / "one")
 
 
-
 def test_cudnn_packed_layout_lists_each_rows_runs():
   segment_ids = jnp.asarray([[1, 1, 1, 2, 2, 3, 0, 0], [1, 1, 1, 1, 1, 1, 1, 1], [1, 2, 3, 4, 5, 6, 7, 8]], jnp.int32)
   seqlen, offsets = cudnn_attention.packed_layout(segment_ids)

@@ -70,10 +70,9 @@ def resolve(implementation: str, q_BxSxNxK, v_BxSxMxV) -> str:
 def unavailable_reason(implementation: str, dtype, qk_dim: int, v_dim: int) -> str | None:
   """Why the named implementation cannot run here for a model with these head dims, or None.
 
-  Checked by the trainer before anything runs (the kernels themselves would fail mid-trace).
+  Checked by the trainer before anything runs (the kernels themselves would fail mid-trace); the
+  config schema has already refused names outside IMPLEMENTATIONS.
   """
-  if implementation not in IMPLEMENTATIONS:
-    return f"unknown implementation {implementation!r}; allowed: {', '.join(IMPLEMENTATIONS)}"
   if implementation == "cudnn":
     return cudnn_attention.unsupported_reason(jnp.zeros((1, 1, 1, qk_dim), dtype), jnp.zeros((1, 1, 1, v_dim), dtype))
   return None
