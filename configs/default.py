@@ -8,34 +8,21 @@ built-in corpus (60/10/30 code/math/text from files every Python install has), f
   pretrain describe --config=configs/default.py --config.model.num_hidden_layers=2
 """
 
-import os
-import pathlib
-
 import ml_collections
 
 from pretrain.config import as_config_dict, model_config_dict, parse_arg
-from pretrain.data.config import DataConfig
+from pretrain.data.config import builtin_data
 from pretrain.train.config import OptimizerConfig, TrainConfig
 
 TINY_PRESETS = {"deepseek_v2": "tiny-deepseek-v2", "qwen2": "tiny-qwen2"}
-REPO = pathlib.Path(__file__).resolve().parent.parent
-# Prepared data and the trained tokenizer are shared by every run of this config.
-CACHE = pathlib.Path(os.environ.get("PRETRAIN_CACHE", "~/.cache/pretrain")).expanduser() / "builtin"
 
 
 def get_config(arg=None):
   variant = parse_arg(arg, family="deepseek_v2")
   config = ml_collections.ConfigDict()
   config.model = model_config_dict(TINY_PRESETS[variant.family])
-  vocab = config.model.vocab_size
-  config.data = as_config_dict(DataConfig(
-      mixture=str(REPO / "data_mixtures" / "builtin.py"),
-      prepared_dir=str(CACHE / f"prepared-sp{vocab}"),
-      tokenizer=str(CACHE / f"tokenizer-sp{vocab}"),
-      train_tokenizer_vocab_size=vocab,
-      seq_len=256,
-      global_batch_size=8,
-  ))
+  # Prepared data and the trained tokenizer are shared by every run of this config (data/config.py).
+  config.data = as_config_dict(builtin_data(config.model.vocab_size, seq_len=256, global_batch_size=8))
   config.train = as_config_dict(TrainConfig(
       workdir="runs/default",
       steps=300,

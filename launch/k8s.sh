@@ -16,7 +16,7 @@
 #   --name=NAME                the JobSet (default pretrain)
 #   --image=IMAGE              the project with jax[tpu] or jax[cuda]: launch/k8s/Dockerfile
 #   --workdir=DIR              config.train.workdir, the same for every pod and outliving them
-#                              (a mounted volume; gs:// is not supported yet): a restarted JobSet resumes from it
+#                              (a gs:// bucket the pods may write, or a mounted volume): a restarted JobSet resumes from it
 #   --config=FILE[:ARG]        the experiment, as for `pretrain train`
 #   --config.a.b=V             any other config override, passed on
 #   --hosts=N                  pods: TPU hosts in the slice, or GPU nodes (default 2)
@@ -30,7 +30,7 @@
 #
 # Example (a v5p-16 slice: 2 hosts of 4 chips, topology 2x2x2):
 #   launch/k8s.sh apply --accelerator=tpu --image=us-docker.pkg.dev/me/repo/pretrain:tpu \
-#     --config=configs/deepseek_coder_v2_lite.py --workdir=/mnt/shared/runs/lite
+#     --config=configs/deepseek_coder_v2_lite.py --workdir=gs://my-bucket/runs/lite
 
 set -euo pipefail
 LAUNCH=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)

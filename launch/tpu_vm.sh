@@ -29,8 +29,8 @@
 #   --queued                   a queued resource: waits for capacity instead of failing
 #   --config=FILE[:ARG]        the experiment, as for `pretrain train`
 #   --workdir=DIR              config.train.workdir, the same for every worker and kept when the
-#                              slice is lost, so a rerun resumes: a path every worker mounts
-#                              (Filestore, Cloud Storage FUSE; gs:// is not supported yet) (run, up, watch)
+#                              slice is lost, so a rerun resumes: a gs:// bucket the VMs' service
+#                              account may write, or a path every worker mounts (Filestore) (run, up, watch)
 #   --config.a.b=V             any other config override, passed on to `pretrain train`
 #   --worker=N|all             logs: which worker (default 0)
 #   --poll=SECONDS             watch, and waiting for a queued resource: poll interval (default 60)
@@ -38,7 +38,7 @@
 #
 # Example:
 #   launch/tpu_vm.sh watch --name=lite --zone=us-east5-a --accelerator-type=v5p-128 --spot --queued \
-#     --config=configs/deepseek_coder_v2_lite.py --workdir=/mnt/shared/runs/lite
+#     --config=configs/deepseek_coder_v2_lite.py --workdir=gs://my-bucket/runs/lite
 
 set -euo pipefail
 LAUNCH=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)

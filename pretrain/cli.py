@@ -80,7 +80,7 @@ def cmd_describe(args: argparse.Namespace, config_flags: list[str]) -> None:
 
 
 def cmd_convert(args: argparse.Namespace, config_flags: list[str]) -> None:
-  from pretrain import convert
+  from pretrain.convert import export, hf_import, hf_io, orbax_io
 
   if config_flags:
     raise ConfigError("--config", "convert reads the model config from the checkpoint; drop --config")
@@ -89,15 +89,32 @@ def cmd_convert(args: argparse.Namespace, config_flags: list[str]) -> None:
   if args.from_hf:
     if not args.to_orbax:
       raise ConfigError("convert", "--from-hf needs --to-orbax CKPT_DIR")
-    model = convert.load_hf(args.from_hf)
-    convert.save_orbax(model, args.to_orbax)
+    if args.step is not None:
+      raise ConfigError("--step", "only for --from-orbax")
+    config = hf_io.read_config(args.from_hf)
+    params, _ = hf_import.load_hf_params(args.from_hf, _fsdp_targets(config),
+                                         read_window_bytes=args.read_window_mib * 2**20, key="--from-hf")
+    orbax_io.save_params(params, config, args.to_orbax)
     print(f"wrote Orbax checkpoint {args.to_orbax}")
   else:
     if not args.to_hf:
       raise ConfigError("convert", "--from-orbax needs --to-hf HF_DIR")
-    model = convert.load_orbax(args.from_orbax)
-    convert.save_hf(model, args.to_hf, dtype=args.dtype)
-    print(f"wrote Hugging Face checkpoint {args.to_hf}")
+    stats = export.export_hf(args.from_orbax, args.to_hf, dtype=args.dtype, step=args.step)
+    print(f"wrote Hugging Face checkpoint {args.to_hf} ({stats.bytes_written / 1e9:.3g} GB of {args.dtype})")
+
+
+def _fsdp_targets(config):
+  """The model's abstract parameters split over every local device (fsdp), as a conversion holds them."""
+  from flax import nnx
+
+  from pretrain import models
+  from pretrain.convert import param_shapes
+  from pretrain.train import sharding
+  from pretrain.train.config import DEFAULT_AXIS_RULES, MeshConfig
+
+  mesh = sharding.make_mesh(MeshConfig(data=1, fsdp=-1))
+  abstract = nnx.state(models.build_abstract(config), nnx.Param)
+  return param_shapes.placed(abstract, sharding.param_shardings(abstract, mesh, DEFAULT_AXIS_RULES))
 
 
 def cmd_parity(args: argparse.Namespace, config_flags: list[str]) -> None:
@@ -293,6 +310,9 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, Callable]]:
   p.add_argument("--json", action="store_true", help="print JSON instead of a table")
   p = sub.add_parser("convert", help="convert between Hugging Face and Orbax checkpoints")
   p.add_argument("--from-hf", metavar="HF_DIR")
+  p.add_argument("--step", type=int, default=None, help="with --from-orbax on a training run: this checkpoint "
+                 "(default: the latest)")
+  p.add_argument("--read-window-mib", type=int, default=256, help="with --from-hf: MiB read at a time")
   p.add_argument("--to-orbax", metavar="CKPT_DIR")
   p.add_argument("--from-orbax", metavar="CKPT_DIR")
   p.add_argument("--to-hf", metavar="HF_DIR")

@@ -63,6 +63,8 @@ def reexec_tuned() -> None:
   environment = tuned_environment(os.environ, applicable=applicable)
   if environment is None:
     return
+  print(f"pretrain: restarting once with GLIBC_TUNABLES={environment['GLIBC_TUNABLES']} (XLA:CPU's step buffers "
+        f"on transparent huge pages, pretrain/host_allocator.py); {_SWITCH}=0 turns this off", file=sys.stderr)
   sys.stdout.flush()
   sys.stderr.flush()
   # orig_argv is the interpreter's own command line (`python -m pretrain.cli ...`, or the script).

@@ -14,18 +14,14 @@ upsampled (a minimum document length), parameters and Adam moments carried over.
 
 from __future__ import annotations
 
-import os
-import pathlib
-
 import ml_collections
 
 from pretrain.config import as_config_dict, model_config_dict
-from pretrain.data.config import DataConfig
+from pretrain.data.config import DataConfig, builtin_data
 from pretrain.models.config import RopeScaling
 from pretrain.schema import to_dict
 from pretrain.train.config import MeshConfig, OptimizerConfig, StageConfig, TrainConfig
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
 YARN = RopeScaling(type="yarn", factor=40.0, original_max_position_embeddings=4096, beta_fast=32.0, beta_slow=1.0,
                    mscale=0.707, mscale_all_dim=0.707)
 TOKENS_CONTINUED = 6e12  # the paper's 6T further tokens
@@ -53,7 +49,6 @@ def deepseek_coder_v2(preset: str, *, peak_learning_rate: float, batch_sequences
 
 def runlocal(workdir: str) -> ml_collections.ConfigDict:
   """Every stage of the recipe in minutes on a CPU: a tiny DeepSeek-V2-style model, the built-in corpus."""
-  cache = pathlib.Path(os.environ.get("PRETRAIN_CACHE", "~/.cache/pretrain")).expanduser() / "builtin"
   model = model_config_dict("tiny-deepseek-v2")
   vocab = model.vocab_size
   model.rope_scaling = as_config_dict(RopeScaling())  # stage 1 at the original context, no YaRN yet
@@ -67,9 +62,7 @@ def runlocal(workdir: str) -> ml_collections.ConfigDict:
       StageConfig(name="longer", steps=20, seq_len=512, global_batch_size=2, min_length=256, rope_scaling=yarn,
                   optimizer=OptimizerConfig(peak_learning_rate=1e-4, warmup_steps=0), carry_optimizer_state=True),
   )
-  data = DataConfig(mixture=str(REPO / "data_mixtures" / "builtin.py"), prepared_dir=str(cache / f"prepared-sp{vocab}"),
-                    tokenizer=str(cache / f"tokenizer-sp{vocab}"), train_tokenizer_vocab_size=vocab, seq_len=128,
-                    global_batch_size=8)
+  data = builtin_data(vocab, seq_len=128, global_batch_size=8)
   train = TrainConfig(workdir=workdir, steps=60, optimizer=OptimizerConfig(peak_learning_rate=1e-3, warmup_steps=10),
                       log_every=10, checkpoint_every=20)
   return _config(model, data, train, stages)

@@ -97,13 +97,15 @@ print("ok")
 """
 
 
+@pytest.mark.slow
 def test_splash_under_a_mesh_and_in_training_equals_one_device_blockwise(data_dir, tmp_path):
   from pretrain import config as config_lib
   from pretrain.models import presets
   from pretrain.train import trainer
 
   def experiment(workdir, implementation, **mesh):
-    model = presets.get("tiny-qwen2", num_hidden_layers=1, vocab_size=512, attention_implementation=implementation)
+    # Two layers: the kernel runs inside the scan over the stacked blocks.
+    model = presets.get("tiny-qwen2", num_hidden_layers=2, vocab_size=512, attention_implementation=implementation)
     return two_step_experiment(data_dir, workdir, model, seq_len=128, global_batch_size=2, **mesh)
 
   trainer.train(config_lib.parse_experiment(experiment(tmp_path / "one", "blockwise")), log=lambda m: None)

@@ -41,6 +41,7 @@ def corpus(tmp_path_factory):
   return out, builtin_corpus.write_builtin_corpus(out)
 
 
+@pytest.mark.slow
 def test_all_domains_and_size(corpus):
   out, inputs = corpus
   assert set(inputs) == {"code", "math", "text"}
@@ -55,6 +56,7 @@ def test_all_domains_and_size(corpus):
   assert any(row["source"].startswith("pydoc_data.topics") for row in text_rows)
 
 
+@pytest.mark.slow
 def test_deterministic(tmp_path):
   first = builtin_corpus.write_builtin_corpus(tmp_path / "a", max_code_files=40, seed=3)
   second = builtin_corpus.write_builtin_corpus(tmp_path / "b", max_code_files=40, seed=3)
@@ -105,11 +107,11 @@ def test_math_answers_are_correct(corpus):
   assert all(n >= 20 for n in checked.values()), checked
 
 
+@pytest.mark.slow
 def test_builtin_mixture_prepares(tmp_path):
   spec = f"{ROOT}/data_mixtures/builtin.py:dir={tmp_path / 'corpus'},max_code_files=30"
   loaded = mixture.load(spec)
-  assert (tmp_path / "corpus" / builtin_corpus.MANIFEST).exists()
-  assert mixture.load(spec) == loaded  # found, not written again
+  assert not (tmp_path / "corpus").exists()  # reading the mixture file writes nothing
   assert loaded.probabilities() == pytest.approx({"code": 0.6, "math": 0.1, "text": 0.3})
   assert all(c.fim_rate == 0.5 for c in loaded.components)
   manifest = prepare.prepare(loaded, tmp_path / "out", ByteTokenizer(), config=Prepare(workers=2),
@@ -118,6 +120,11 @@ def test_builtin_mixture_prepares(tmp_path):
   assert all(manifest["by_domain"][d]["documents_written"] > 20 for d in ("code", "math", "text"))
   shard = tmp_path / "out" / manifest["components"]["math"]["shards"][0]["path"]
   assert next(records.read_shard(shard)).domain == "math"
+  assert (tmp_path / "corpus" / builtin_corpus.MANIFEST).exists()  # written when its inputs were first read
+  written = (tmp_path / "corpus" / builtin_corpus.MANIFEST).stat().st_mtime_ns
+  prepare.prepare(mixture.load(spec), tmp_path / "out", ByteTokenizer(), config=Prepare(workers=2),
+                  tokenizer_path="bytes")
+  assert (tmp_path / "corpus" / builtin_corpus.MANIFEST).stat().st_mtime_ns == written  # found, not written again
 
 
 def test_deepseek_mixture_needs_user_paths(tmp_path):

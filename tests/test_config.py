@@ -85,6 +85,7 @@ def test_schema_rejects_unknown_keys_in_a_config_file(tmp_path):
     _load(f"--config={path}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("file, total, active", [
     ("deepseek_coder_v2_lite.py", 15_706_484_224, 2_451_435_008),
     ("deepseek_coder_v2.py", 235_741_434_880, 20_851_512_320),

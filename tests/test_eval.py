@@ -91,6 +91,7 @@ def test_flags_parse_and_bad_values_name_the_flag():
   assert pathlib.Path(niah.BUILTIN_HAYSTACK).is_file()
 
 
+@pytest.mark.slow
 def test_prompts_are_exactly_the_length_with_the_needle_at_its_depth(data_dir, run_dir):
   tokenizer = load.load_tokenizer_of(load.resolve(str(run_dir)))
   haystack = niah.Haystack.from_mixture(load.load_mixture(str(data_dir / "mixture.py"), "--haystack"), tokenizer)
@@ -117,6 +118,7 @@ def test_prompts_are_exactly_the_length_with_the_needle_at_its_depth(data_dir, r
 
 
 # Scoring.
+@pytest.mark.slow
 def test_scoring_counts_a_model_that_knows_the_answer_and_only_exact_answers(data_dir, run_dir):
   tokenizer = load.load_tokenizer_of(load.resolve(str(run_dir)))
   haystack = niah.Haystack.from_mixture(load.load_mixture(str(data_dir / "mixture.py"), "--haystack"), tokenizer)
@@ -140,6 +142,7 @@ def _last_digit_off(tokenizer, prompt: niah.Prompt) -> np.ndarray:
   return niah.answer_tokens(tokenizer, passkey)
 
 
+@pytest.mark.slow
 def test_eval_niah_writes_the_grid_and_heatmap_and_an_untrained_model_scores_zero(data_dir, untrained_dir,
                                                                                     tmp_path, capsys):
   out = tmp_path / "niah"
@@ -159,6 +162,7 @@ def test_eval_niah_writes_the_grid_and_heatmap_and_an_untrained_model_scores_zer
 
 
 # Perplexity.
+@pytest.mark.slow
 def test_perplexity_equals_the_full_logits_cross_entropy(run_dir):
   source = load.resolve(str(run_dir))
   model = load.load_model(source)
@@ -184,6 +188,7 @@ def params_by_path(model) -> dict[str, np.ndarray]:
   return {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(nnx.state(model))}
 
 
+@pytest.mark.slow
 def test_eval_ppl_on_a_training_run_beats_its_initialisation(data_dir, run_dir, untrained_dir, tmp_path):
   reports = {}
   for name, checkpoint in (("trained", run_dir), ("untrained", untrained_dir)):
@@ -210,6 +215,7 @@ def test_eval_ppl_on_a_training_run_beats_its_initialisation(data_dir, run_dir, 
 
 
 # Checkpoints.
+@pytest.mark.slow
 def test_every_checkpoint_kind_loads_the_same_model(run_dir, tmp_path):
   source = load.resolve(str(run_dir))
   assert source.kind == "workdir" and source.step == 12 and source.tokenizer_path.exists()
@@ -238,6 +244,7 @@ def test_every_checkpoint_kind_loads_the_same_model(run_dir, tmp_path):
   assert tokenizer.bos_id == tokenizer.eos_id
 
 
+@pytest.mark.slow
 def test_a_staged_recipe_stands_for_its_latest_finished_stage(run_dir, tmp_path):
   root = tmp_path / "recipe"
   for name, done in (("0-continued", True), ("1-long", True), ("2-longer", False)):
@@ -252,6 +259,7 @@ def test_a_staged_recipe_stands_for_its_latest_finished_stage(run_dir, tmp_path)
 
 
 # Bad input.
+@pytest.mark.slow
 @pytest.mark.parametrize("args, words", [
     (["niah", "--lengths=1k"], "--checkpoint: required"),
     (["niah", "--checkpoint=/nonexistent/ckpt", "--lengths=1k"], "--checkpoint: /nonexistent/ckpt does not exist"),

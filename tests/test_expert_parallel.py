@@ -51,10 +51,12 @@ print("ok", parallel.token_axes, parallel.expert_axes, parallel.mlp_axes)
 @pytest.mark.parametrize("mesh, batch_axes, implementation", [
     # tokens gathered within each expert group, experts' hidden dim split over `tensor`
     ({"data": 2, "fsdp": 1, "tensor": 2, "expert": 2}, ("data", "fsdp", "expert"), "blocked"),
-    ({"data": 1, "fsdp": 2, "tensor": 1, "expert": 4}, ("data", "fsdp", "expert"), "blocked"),
-    ({"data": 1, "fsdp": 1, "tensor": 1, "expert": 8}, ("data", "fsdp", "expert"), "ragged_dot"),
+    pytest.param({"data": 1, "fsdp": 2, "tensor": 1, "expert": 4}, ("data", "fsdp", "expert"), "blocked",
+                 marks=pytest.mark.slow),
+    pytest.param({"data": 1, "fsdp": 1, "tensor": 1, "expert": 8}, ("data", "fsdp", "expert"), "ragged_dot",
+                 marks=pytest.mark.slow),
     # tokens not split over `expert`: each device adds its experts' share
-    ({"data": 2, "fsdp": 1, "tensor": 1, "expert": 4}, ("data",), "blocked"),
+    pytest.param({"data": 2, "fsdp": 1, "tensor": 1, "expert": 4}, ("data",), "blocked", marks=pytest.mark.slow),
 ])
 def test_expert_parallel_layer_equals_the_unsplit_layer(mesh, batch_axes, implementation):
   result = subprocess.run([sys.executable, "-c", SCRIPT, repr(mesh), repr(batch_axes), implementation],

@@ -38,6 +38,7 @@ def test_qwen2_attention_scores_hand_formula():
   assert flops.flops_breakdown(config, seq, causal=False)["attention_scores"] == 48 * 2 * 40 * 256 * seq
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["deepseek-coder-v2-lite", "deepseek-coder-v2", "tiny-deepseek-v2"])
 def test_deepseek_matmuls_are_twice_the_active_weights(name):
   config = presets.get(name)

@@ -42,20 +42,24 @@ def test_environment_adds_the_tunable_once_and_keeps_the_users_own():
   assert host_allocator.tuned_environment({}, applicable=False) is None
 
 
-def _run_program(**environment) -> tuple[list[int], str]:
+def _run_program(**environment) -> tuple[list[int], str, str]:
   env = {k: v for k, v in os.environ.items() if k not in ("PRETRAIN_HOST_MALLOC", "GLIBC_TUNABLES")}
   out = subprocess.run([sys.executable, "-c", _PROGRAM], env={**env, **environment}, capture_output=True,
                        text=True, check=True, timeout=300)
   *faults, tunables = out.stdout.split()
-  return [int(f) for f in faults], tunables
+  return [int(f) for f in faults], tunables, out.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(sys.platform != "linux" or host_allocator.accelerator_present()
                     or not host_allocator.huge_pages_on_request(), reason="glibc on a CPU host with huge pages")
 def test_restarted_process_faults_its_xla_buffers_in_by_huge_pages():
-  faults, tunables = _run_program()
+  faults, tunables, log = _run_program()
   assert tunables == "glibc.malloc.hugetlb=1"
-  untuned_faults, untuned_tunables = _run_program(PRETRAIN_HOST_MALLOC="0")
-  assert untuned_tunables == "-"
+  # One line says it happened and how to turn it off.
+  assert log.count("pretrain: restarting once with GLIBC_TUNABLES=glibc.malloc.hugetlb=1") == 1
+  assert "PRETRAIN_HOST_MALLOC=0 turns this off" in log
+  untuned_faults, untuned_tunables, untuned_log = _run_program(PRETRAIN_HOST_MALLOC="0")
+  assert untuned_tunables == "-" and "restarting" not in untuned_log
   assert min(untuned_faults) > 16_000  # glibc's default: the buffer mmapped afresh and faulted page by page
   assert max(faults) < 4_000  # ~600-1,100 here: 2 MiB faults for the buffer, small ones elsewhere

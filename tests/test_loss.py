@@ -50,6 +50,7 @@ def _assert_trees_close(a, b, **tol):
     np.testing.assert_allclose(x, y, err_msg=jax.tree_util.keystr(path), **tol)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset", FAMILIES)
 @pytest.mark.parametrize("chunk", [1, 3, 10, 40, 45])  # 4 x 10 tokens: one per token, ragged, whole, longer
 def test_chunked_equals_full_logits(preset, chunk):
@@ -115,6 +116,7 @@ def test_loss_and_metrics(preset):
     assert float(metrics["balance_loss"]) == 0 and "expert_load" not in metrics
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset", FAMILIES)
 def test_microbatch_gradients_sum_to_full_batch(preset):
   model = models.build(presets.get(preset))

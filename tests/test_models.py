@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 from pretrain import models
-from pretrain.models import grouped_experts, moe, presets
+from pretrain.models import block_stack, grouped_experts, moe, presets
 
 FAMILIES = ["tiny-deepseek-v2", "tiny-qwen2"]
 
@@ -19,6 +19,7 @@ def _ids(batch=2, seq=12, vocab=1024, seed=0):
   return jax.random.randint(jax.random.key(seed), (batch, seq), 0, vocab, dtype=jnp.int32)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset", FAMILIES)
 def test_logits_shape_dtype_and_aux(preset):
   model = models.build(presets.get(preset))
@@ -36,6 +37,7 @@ def test_logits_shape_dtype_and_aux(preset):
     assert float(aux["balance_loss"]) > 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset", FAMILIES)
 def test_causal_through_gradients(preset):
   """d logits[t] / d embedding[s] is zero for every s > t."""
@@ -66,6 +68,7 @@ class _FixedEmbedding(nnx.Module):
     return self.x[...].astype(dtype)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset", FAMILIES)
 def test_packed_documents_do_not_attend_across(preset):
   """Two documents packed in one row give the logits each gives alone (positions restart)."""
@@ -99,7 +102,8 @@ def test_bfloat16_compute_keeps_float32_params_and_logits():
 @pytest.mark.parametrize("preset", FAMILIES)
 def test_every_parameter_has_logical_axis_names(preset):
   model = models.build(presets.get(preset))
-  known = {"vocab", "embed", "heads", "kv_heads", "head_dim", "mlp", "expert", "q_lora", "kv_lora", "norm"}
+  known = {"vocab", "embed", "heads", "kv_heads", "head_dim", "mlp", "expert", "q_lora", "kv_lora", "norm",
+           "layers"}
   for path, var in nnx.iter_graph(model):
     if isinstance(var, nnx.Param):
       axes = var.get_metadata()["out_sharding"]
@@ -123,6 +127,7 @@ def test_dropless_moe_equals_dense_reference(overrides, implementation):
   np.testing.assert_allclose(aux["expert_load"].sum(), 1.0, rtol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("implementation", ["blocked", "ragged_dot"])
 def test_moe_gradients_match_dense_reference(implementation):
   config = presets.get("tiny-deepseek-v2", moe_implementation=implementation)
@@ -134,6 +139,7 @@ def test_moe_gradients_match_dense_reference(implementation):
     np.testing.assert_allclose(a, b, atol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sizes", [[40, 0, 0, 0], [0, 0, 0, 40], [1, 13, 0, 26], [10, 10, 10, 10]])
 def test_blocked_experts_handle_skewed_and_empty_groups(sizes):
   """Every expert gets the rows routed to it, however unbalanced; the result equals ragged_dot. Rows
@@ -188,11 +194,74 @@ def test_balance_loss_formula():
 def test_moe_layer_placement():
   config = presets.get("tiny-deepseek-v2", num_hidden_layers=6, first_k_dense_replace=2, moe_layer_freq=2)
   model = models.build_abstract(config)
-  kinds = [type(block.mlp).__name__ for block in model.layers]
+  kinds = [type(stack.block.mlp).__name__ for stack in model.layers for _ in range(stack.count)]
   assert kinds == ["SwiGLU", "SwiGLU", "DeepseekMoE", "SwiGLU", "DeepseekMoE", "SwiGLU"]
+  # Stacks are the runs of one kind; with moe_layer_freq=2 they are short.
+  assert [(stack.first_layer, stack.count) for stack in model.layers] == [(0, 2), (2, 1), (3, 1), (4, 1), (5, 1)]
+
+
+@pytest.mark.parametrize("preset, overrides, runs", [
+    ("tiny-qwen2", {}, [(0, 5)]),
+    ("tiny-deepseek-v2", {"first_k_dense_replace": 1}, [(0, 1), (1, 4)]),
+])
+def test_stacked_parameters_have_a_leading_layers_axis(preset, overrides, runs):
+  config = presets.get(preset, num_hidden_layers=5, **overrides)
+  model = models.build_abstract(config)
+  assert [(stack.first_layer, stack.count) for stack in model.layers] == runs
+  for i, stack in enumerate(model.layers):
+    assert [block_stack.stack_slot(config, layer) for layer in range(stack.first_layer, stack.first_layer + stack.count)] \
+        == [(i, slot) for slot in range(stack.count)]
+    for path, var in nnx.iter_graph(stack.block):
+      if isinstance(var, nnx.Param):
+        assert var.shape[0] == stack.count and var.get_metadata()["out_sharding"][0] == "layers", path
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  q_proj = params["layers"][0]["block"]["self_attn"]["q_proj"]
+  assert q_proj.shape == (runs[0][1], config.hidden_size, config.num_attention_heads, q_proj.shape[-1])
+  if preset == "tiny-deepseek-v2":
+    assert params["layers"][1]["block"]["mlp"]["experts"]["gate_proj"].shape == (
+        4, config.n_routed_experts, config.hidden_size, config.moe_intermediate_size)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("remat", ["none", "block"])
+@pytest.mark.parametrize("preset, overrides", [
+    ("tiny-qwen2", {}),
+    ("tiny-qwen2", {"attention_implementation": "reference"}),
+    ("tiny-deepseek-v2", {"first_k_dense_replace": 1}),
+    ("tiny-deepseek-v2", {"first_k_dense_replace": 1, "moe_layer_freq": 2}),
+])
+def test_scanned_layers_equal_a_loop_over_each_layer(preset, overrides, remat):
+  """The scan over stacked blocks computes what applying each layer's own block in turn computes."""
+  config = presets.get(preset, num_hidden_layers=5, **overrides)
+  model = models.build(config)
+  model.remat = remat
+  ids_BxS = _ids()
+  segment_ids_BxS = jnp.array([[1] * 5 + [2] * 7, [1] * 12])
+  positions_BxS = jnp.broadcast_to(jnp.arange(12), (2, 12))
+  logits_BxSxV, aux = jax.jit(lambda m: m(ids_BxS, positions_BxS, segment_ids_BxS, return_aux=True))(model)
+
+  x_BxSxD = model.embed_tokens(ids_BxS, model.dtype)
+  balance_loss, expert_loads = 0.0, []
+  for layer in range(config.num_hidden_layers):
+    stack, slot = block_stack.stack_slot(config, layer)
+    x_BxSxD, layer_aux = model.layers[stack].layer(slot)(x_BxSxD, positions_BxS, segment_ids_BxS)
+    assert (layer_aux is not None) == config.is_moe_layer(layer), layer
+    if layer_aux is not None:
+      balance_loss += layer_aux["balance_loss"]
+      expert_loads.append(layer_aux["expert_load"])
+  np.testing.assert_allclose(logits_BxSxV, model.logits(model.norm(x_BxSxD)), atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(aux["balance_loss"], balance_loss, atol=1e-6, rtol=1e-5)
+  if expert_loads:
+    np.testing.assert_array_equal(aux["expert_load"], jnp.stack(expert_loads))
+
+  # Gradients flow through the scan (and its remat) to every layer's slot.
+  grads = nnx.to_pure_dict(nnx.grad(lambda m: m(ids_BxS, positions_BxS, segment_ids_BxS).std())(model))
+  for stack in grads["layers"].values():
+    o_proj = stack["block"]["self_attn"]["o_proj"]
+    assert (jnp.abs(o_proj).reshape(len(o_proj), -1).sum(-1) > 0).all()
 
 
 def test_q_lora_variant_builds_and_runs():
   model = models.build(presets.get("tiny-deepseek-v2", q_lora_rank=24))
-  assert model.layers[0].self_attn.q_b_proj.shape == (24, 4, 24)
+  assert model.layers[0].layer(0).self_attn.q_b_proj.shape == (24, 4, 24)
   assert np.isfinite(model(_ids())).all()

@@ -26,14 +26,14 @@ from pretrain.train import distributed
 STEPS = 8
 
 
-def write_config(path: pathlib.Path, data_dir: pathlib.Path, workdir: pathlib.Path) -> pathlib.Path:
+def write_config(path: pathlib.Path, data_dir: pathlib.Path, workdir: pathlib.Path, **train) -> pathlib.Path:
   experiment = {
       "model": schema.to_dict(presets.get("tiny-deepseek-v2", num_hidden_layers=2, vocab_size=512)),
       "data": {"mixture": str(data_dir / "mixture.py"), "prepared_dir": str(data_dir / "prepared"),
                "tokenizer": str(data_dir / "tokenizer"), "train_tokenizer_vocab_size": 512, "seq_len": 64,
                "global_batch_size": 4, "streams": 2},
       "train": {"workdir": str(workdir), "steps": STEPS, "log_every": 1, "checkpoint_every": 2,
-                "mesh": {"data": 2, "expert": 2}, "optimizer": {"peak_learning_rate": 1e-2, "warmup_steps": 2}},
+                "mesh": {"data": 2, "expert": 2}, "optimizer": {"peak_learning_rate": 1e-2, "warmup_steps": 2}} | train,
       "seed": 0,
   }
   path.write_text(f"import json\n\ndef get_config(arg=None):\n  return json.loads({json.dumps(experiment)!r})\n")
@@ -76,6 +76,7 @@ def complete_checkpoints(workdir: pathlib.Path) -> list[int]:
   return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) if directory.is_dir() else []
 
 
+@pytest.mark.slow
 def test_two_processes_save_are_killed_resume_and_match_one_process_on_four_devices(data_dir, tmp_path):
   reference = tmp_path / "one_process"
   finish([start(write_config(tmp_path / "one.py", data_dir, reference), 4)])
@@ -103,6 +104,7 @@ def test_two_processes_save_are_killed_resume_and_match_one_process_on_four_devi
     assert got[step] == pytest.approx(want[step], abs=1e-5), step
 
 
+@pytest.mark.slow
 def test_a_process_whose_peer_dies_exits_with_an_error_instead_of_hanging(data_dir, tmp_path):
   workdir = tmp_path / "run"
   config = write_config(tmp_path / "config.py", data_dir, workdir)

@@ -65,13 +65,16 @@ def test_mask_spares_exactly_norms_and_biases(preset):
   expected = {name for name in decay
               if name.endswith(("layernorm/scale", "_bias")) or name == "norm/scale"}
   assert spared == expected
-  assert "layers/0/input_layernorm/scale" in spared and "norm/scale" in spared
-  assert decay["embed_tokens/table"] and decay["layers/0/self_attn/o_proj"]
+  # Stacked (scanned) blocks: layers/<stack>/block/...
+  assert "layers/0/block/input_layernorm/scale" in spared and "norm/scale" in spared
+  assert decay["embed_tokens/table"] and decay["layers/0/block/self_attn/o_proj"]
   if preset == "tiny-qwen2":
-    assert {"layers/1/self_attn/q_bias", "layers/1/self_attn/k_bias", "layers/1/self_attn/v_bias"} <= spared
+    assert {"layers/0/block/self_attn/q_bias", "layers/0/block/self_attn/k_bias",
+            "layers/0/block/self_attn/v_bias"} <= spared
   else:
-    assert "layers/2/self_attn/kv_a_layernorm/scale" in spared
-    assert decay["lm_head"] and decay["layers/1/mlp/experts/gate_proj"] and decay["layers/1/mlp/gate"]
+    assert "layers/1/block/self_attn/kv_a_layernorm/scale" in spared
+    assert (decay["lm_head"] and decay["layers/1/block/mlp/experts/gate_proj"]
+            and decay["layers/1/block/mlp/gate"])
   # The same mask from an nnx.State, the tree nnx.Optimizer hands to optax.
   state_mask = opt.weight_decay_mask(nnx.state(model, nnx.Param), OptimizerConfig().no_weight_decay)
   assert jax.tree_util.tree_leaves(state_mask) == jax.tree_util.tree_leaves(
@@ -94,7 +97,7 @@ def _hand_adamw_first_step(config: OptimizerConfig, lr: float, param, grad, deca
   return param - lr * step
 
 
-@pytest.mark.parametrize("preset", ["tiny-deepseek-v2", "tiny-qwen2"])
+@pytest.mark.parametrize("preset", [pytest.param("tiny-deepseek-v2", marks=pytest.mark.slow), "tiny-qwen2"])
 def test_one_step_matches_hand_adamw(preset):
   # No warmup, so the first update uses the peak; a large eps keeps the update sensitive to clipping.
   config = OptimizerConfig(peak_learning_rate=1e-2, warmup_steps=0, eps=1e-3, weight_decay=0.5)
@@ -103,7 +106,7 @@ def test_one_step_matches_hand_adamw(preset):
   optimizer = nnx.Optimizer(model, opt.make_optimizer(config, 100, before), wrt=nnx.Param)
   keys = iter(jax.random.split(jax.random.key(0), 1000))
   grads = jax.tree.map(lambda p: jax.random.normal(next(keys), p.shape), nnx.state(model, nnx.Param))
-  norm = float(opt.global_norm(grads))
+  norm = float(optax.tree.norm(grads))
   assert norm > 1.0  # so clipping at 1.0 acts
   optimizer.update(model, grads)
 
@@ -123,12 +126,12 @@ def test_clipping_at_one():
   config = OptimizerConfig(warmup_steps=0)
   params = {"w": jnp.zeros((3,)), "b": {"x_bias": jnp.zeros((4,))}}
   grads = {"w": jnp.full((3,), 3.0), "b": {"x_bias": jnp.full((4,), 4.0)}}
-  np.testing.assert_allclose(opt.global_norm(grads), np.sqrt(27 + 64), rtol=1e-6)
+  np.testing.assert_allclose(optax.tree.norm(grads), np.sqrt(27 + 64), rtol=1e-6)
   tx = opt.make_optimizer(config, 10, params)
   _, state = tx.update(grads, tx.init(params), params)
   mu = optax.tree_utils.tree_get(state, "mu")  # (1 - b1) * the clipped gradient
   clipped = jax.tree.map(lambda m: m / (1 - config.b1), mu)
-  np.testing.assert_allclose(opt.global_norm(clipped), 1.0, rtol=1e-6)
+  np.testing.assert_allclose(optax.tree.norm(clipped), 1.0, rtol=1e-6)
   np.testing.assert_allclose(clipped["w"], 3.0 / np.sqrt(91), rtol=1e-6)
   small = jax.tree.map(lambda g: g * 0.01, grads)  # under the threshold: untouched
   _, state = tx.update(small, tx.init(params), params)

@@ -48,6 +48,7 @@ def _config(root, **overrides) -> DataConfig:
   return schema.parse(DataConfig, values | overrides, "config.data")
 
 
+@pytest.mark.slow
 def test_mixture_proportions_over_a_million_tokens(corpus):
   tok, root = corpus
   config = _config(root, seq_len=512, global_batch_size=32)

@@ -53,6 +53,7 @@ def _plan_and_xla(flags):
   return memory_plan.plan(experiment, mesh, CPU), compiled_memory.compiled_step_memory(experiment)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flags", [
     ["--config=configs/default.py:family=qwen2"],  # dense, remat none, one micro-batch
     TWO_LAYER_DEEPSEEK + ["--config.train.remat=block", "--config.train.microbatches=2"],  # MoE, block, two
@@ -64,6 +65,7 @@ def test_estimate_is_within_15_percent_of_the_compiled_step_on_one_device(flags)
   assert abs(plan.params + plan.optimizer + plan.batch - xla.argument) <= 64, (plan, xla)
 
 
+@pytest.mark.slow
 def test_estimate_is_within_15_percent_of_the_compiled_step_on_eight_simulated_devices():
   meshes = [
       # Dense: batch over data, heads and MLP over tensor.

@@ -43,6 +43,7 @@ def stage_dirs(workdir):
   return [workdir / "stages" / name for name in ("0-continued", "1-long", "2-longer")]
 
 
+@pytest.mark.slow
 def test_stages_run_in_order_and_each_starts_from_the_last(data_dir, tmp_path):
   exp = config_lib.parse_experiment(recipe_dict(data_dir, tmp_path / "run"))
   plan = stages.stage_experiments(exp)
@@ -59,6 +60,16 @@ def test_stages_run_in_order_and_each_starts_from_the_last(data_dir, tmp_path):
   assert sum("finished earlier, skipped" in line for line in logs) == 3
 
 
+def test_a_stage_s_yarn_raises_the_model_s_positions_and_the_runlocal_recipe_fits():
+  from pretrain import recipes
+
+  recipe = config_lib.parse_experiment(recipes.runlocal("runs/x"))
+  plan = stages.stage_experiments(recipe)
+  assert [e.data.seq_len for _, e in plan] == [128, 256, 512]
+  assert [e.model.max_position_embeddings for _, e in plan] == [128, 512, 512]  # YaRN: 128 x 4
+
+
+@pytest.mark.slow
 def test_killed_in_a_later_stage_resumes_there_and_ends_bit_identical(data_dir, tmp_path):
   straight = config_lib.parse_experiment(recipe_dict(data_dir, tmp_path / "straight"))
   stages.run(straight, log=lambda m: None)
@@ -94,6 +105,9 @@ def test_killed_in_a_later_stage_resumes_there_and_ends_bit_identical(data_dir, 
     (lambda c: c["stages"][0].update(carry_optimizer_state=True), r"config\.stages\[0\]\.carry_optimizer_state"),
     (lambda c: c["stages"][1].update(steps=0), r"config\.stages\[1\]\.steps"),
     (lambda c: c["stages"][1].update(name="a/b"), r"config\.stages\[1\]\.name"),
+    # 2048 tokens: past the model's 1024 positions, and past what the stage's YaRN (64 x 2) reaches.
+    (lambda c: c["stages"][1].update(seq_len=2048), r"config\.stages\[1\]\.seq_len: 2048 is longer than the "
+     r"model's 1024 positions"),
 ])
 def test_bad_stages_are_refused_before_anything_runs(data_dir, tmp_path, change, words):
   config = recipe_dict(data_dir, tmp_path / "run")

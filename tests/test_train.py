@@ -89,6 +89,7 @@ def _start(config: dict, tmp_path: pathlib.Path, name: str) -> subprocess.Popen:
                           stderr=subprocess.STDOUT, text=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kill_after", [0.5, 3.0])
 def test_sigkill_anywhere_then_resume_ends_bit_identical(data_dir, tmp_path, kill_after):
   config = experiment_dict(data_dir, tmp_path / "killed", steps=8, checkpoint_every=1)
@@ -100,6 +101,9 @@ def test_sigkill_anywhere_then_resume_ends_bit_identical(data_dir, tmp_path, kil
   time.sleep(kill_after * 0.1)
   process.send_signal(signal.SIGKILL)
   process.wait()
+  assert process.returncode == -signal.SIGKILL  # killed, not finished before the signal came
+  saved = sorted(int(p.name) for p in (tmp_path / "killed" / "checkpoints").iterdir() if p.name.isdigit())
+  assert not saved or saved[-1] < 8, f"the run was to be killed mid-way; checkpoints {saved}"
   trainer.train(config_lib.parse_experiment(config), log=lambda m: None)
   trainer.train(experiment(data_dir, tmp_path / "straight", steps=8, checkpoint_every=1), log=lambda m: None)
   exp = experiment(data_dir, tmp_path / "straight", steps=8)
@@ -108,6 +112,7 @@ def test_sigkill_anywhere_then_resume_ends_bit_identical(data_dir, tmp_path, kil
     np.testing.assert_array_equal(a[key], b[key], err_msg=key)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_exits_zero_then_the_same_command_finishes_bit_identical(data_dir, tmp_path):
   config = experiment_dict(data_dir, tmp_path / "run", steps=40, checkpoint_every=1000)
   process = _start(config, tmp_path, "run")
@@ -146,6 +151,7 @@ def _run_on_eight_devices(config: dict, tmp_path: pathlib.Path) -> None:
   subprocess.run([sys.executable, "-c", MESH_SCRIPT, str(file)], check=True, capture_output=True)
 
 
+@pytest.mark.slow
 def test_eight_devices_match_one_within_1e5_and_checkpoints_move_between_meshes(data_dir, tmp_path):
   eight_way = {"data": 2, "fsdp": 1, "tensor": 2, "expert": 2}
   trainer.train(experiment(data_dir, tmp_path / "one", steps=3), log=lambda m: None)
@@ -163,6 +169,7 @@ def test_eight_devices_match_one_within_1e5_and_checkpoints_move_between_meshes(
     np.testing.assert_allclose([r["loss"] for r in metrics(tmp_path / run)][-2:], expected, atol=1e-5, err_msg=run)
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_gives_the_full_batch_update(data_dir, tmp_path):
   trainer.train(experiment(data_dir, tmp_path / "full", steps=3), log=lambda m: None)
   trainer.train(experiment(data_dir, tmp_path / "micro", steps=3, microbatches=4), log=lambda m: None)
@@ -173,6 +180,7 @@ def test_gradient_accumulation_gives_the_full_batch_update(data_dir, tmp_path):
     np.testing.assert_allclose([r[key] for r in micro], [r[key] for r in full], rtol=1e-5, err_msg=key)
 
 
+@pytest.mark.slow
 def test_remat_changes_memory_not_results(data_dir, tmp_path):
   trainer.train(experiment(data_dir, tmp_path / "none", steps=2), log=lambda m: None)
   trainer.train(experiment(data_dir, tmp_path / "block", steps=2, remat="block"), log=lambda m: None)
@@ -181,6 +189,7 @@ def test_remat_changes_memory_not_results(data_dir, tmp_path):
                                [r[key] for r in metrics(tmp_path / "none")], rtol=1e-5, err_msg=key)
 
 
+@pytest.mark.slow
 def test_bad_updates_are_skipped_then_the_run_stops(data_dir, tmp_path):
   exp = experiment(data_dir, tmp_path / "run", steps=40, grad_spike_factor=1e-6, max_bad_steps=3,
                    checkpoint_every=4)
@@ -191,6 +200,7 @@ def test_bad_updates_are_skipped_then_the_run_stops(data_dir, tmp_path):
   assert checkpoint.Checkpoints(tmp_path / "run", exp.train).latest_step() is not None
 
 
+@pytest.mark.slow
 def test_init_from_a_hugging_face_directory(data_dir, tmp_path):
   exp = experiment(data_dir, tmp_path / "run", steps=1)
   source = models.build(exp.model, seed=7)
@@ -217,6 +227,15 @@ def test_bad_configs_fail_before_anything_is_written(data_dir, tmp_path, train, 
   assert not (tmp_path / "run").exists()
 
 
+def test_a_sequence_longer_than_the_model_s_positions_is_refused(data_dir, tmp_path):
+  config = experiment_dict(data_dir, tmp_path / "run")
+  config["model"]["max_position_embeddings"] = 32  # the rows are 64 tokens
+  with pytest.raises(ConfigError, match=r"config\.data\.seq_len: 64 is longer than the model's 32 positions"):
+    trainer.train(config_lib.parse_experiment(config), log=lambda m: None)
+  assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
 def test_a_workdir_of_another_model_is_refused(data_dir, tmp_path):
   trainer.train(experiment(data_dir, tmp_path / "run", steps=1), log=lambda m: None)
   config = experiment_dict(data_dir, tmp_path / "run", steps=2)
@@ -225,6 +244,7 @@ def test_a_workdir_of_another_model_is_refused(data_dir, tmp_path):
     trainer.train(config_lib.parse_experiment(config), log=lambda m: None)
 
 
+@pytest.mark.slow
 def test_init_from_a_training_workdir(data_dir, tmp_path):
   """Continued pretraining from another run: its latest parameters, not its optimizer or step."""
   trainer.train(experiment(data_dir, tmp_path / "source", steps=3), log=lambda m: None)

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from pretrain.convert.errors import ConversionError
 from pretrain.convert.hf_config import config_from_hf, config_to_hf
-from pretrain.convert.hf_io import load_hf, save_hf
+from pretrain.convert.hf_import import load_hf
+from pretrain.convert.hf_io import save_hf
 from pretrain.convert.orbax_io import load_orbax, save_orbax
 
 __all__ = ["ConversionError", "config_from_hf", "config_to_hf", "load_hf", "load_orbax", "save_hf", "save_orbax"]

@@ -30,7 +30,10 @@ import sys
 import sysconfig
 from fractions import Fraction
 
-from pretrain.data import sources
+from pretrain.atomic_file import atomic_dir
+from pretrain.data.languages import language_of
+from pretrain.data.mixture import BuiltinCorpus
+from pretrain.schema import ConfigError
 
 STDLIB_BYTES = 6_000_000
 SITE_PACKAGES_BYTES = 2_000_000
@@ -42,6 +45,7 @@ SITE_PACKAGES_SUFFIXES = {".c", ".h", ".cc", ".cpp", ".hpp", ".cuh", ".pyi", ".p
                           ".json", ".yaml", ".yml", ".md", ".rst", ".html", ".css", ".cmake", ".sh", ".f90"}
 MIN_DOCSTRING_CHARS = 80  # shorter ones are mostly "Return self." lines, not prose
 MANIFEST = "corpus.json"
+RELATIVE_INPUTS = {"code": ["code"], "math": ["math/*.jsonl"], "text": ["text/*.jsonl"]}  # per component
 
 
 def write_builtin_corpus(out_dir, *, max_code_files: int | None = None, seed: int = 0) -> dict[str, list[str]]:
@@ -64,11 +68,37 @@ def write_builtin_corpus(out_dir, *, max_code_files: int | None = None, seed: in
   text_docs = [d for f in stdlib_files if (d := _module_docstrings(stdlib, f))] + _help_topics()
   _write_parts(out / "text", "text", text_docs)
   _write_parts(out / "math", "math", math_documents(seed, MATH_BYTES))
-  relative_inputs = {"code": ["code"], "math": ["math/*.jsonl"], "text": ["text/*.jsonl"]}
   (out / MANIFEST).write_text(json.dumps({
       "python": sys.version.split()[0], "seed": seed, "max_code_files": max_code_files, "code_files": copied,
-      "text_documents": len(text_docs), "relative_inputs": relative_inputs}, indent=2) + "\n")
-  return {name: [str(out / path) for path in paths] for name, paths in relative_inputs.items()}
+      "text_documents": len(text_docs), "relative_inputs": RELATIVE_INPUTS}, indent=2) + "\n")
+  return inputs(out)
+
+
+def inputs(directory) -> dict[str, list[str]]:
+  """Component -> input paths of the corpus in `directory` (whether written yet or not)."""
+  return {name: [str(pathlib.Path(directory) / path) for path in paths] for name, paths in RELATIVE_INPUTS.items()}
+
+
+def ensure(corpus: BuiltinCorpus) -> None:
+  """Writes the corpus into `corpus.dir` unless it is there: into a temporary sibling renamed into place
+  when complete, so a directory with a manifest is always a whole corpus. Another seed or size there
+  is an error, not a silent reuse."""
+  directory = pathlib.Path(corpus.dir)
+  manifest = directory / MANIFEST
+  if not manifest.exists():
+    if directory.exists() and any(directory.iterdir()):
+      raise ConfigError("mixture builtin.dir", f"{directory} is not empty and holds no {manifest.name}; "
+                        "remove it or choose another dir")
+    try:
+      with atomic_dir(directory) as tmp:
+        write_builtin_corpus(tmp, max_code_files=corpus.max_code_files, seed=corpus.seed)
+    except FileExistsError:  # another process made it first: use theirs
+      pass
+  written = json.loads(manifest.read_text())
+  if (written["seed"], written["max_code_files"]) != (corpus.seed, corpus.max_code_files):
+    raise ConfigError("mixture builtin.dir", f"{directory} holds the corpus of seed={written['seed']}, "
+                      f"max_code_files={written['max_code_files']}, not seed={corpus.seed}, "
+                      f"max_code_files={corpus.max_code_files}")
 
 
 # Code.
@@ -88,7 +118,7 @@ def _site_package_sources(site_packages: pathlib.Path) -> list[pathlib.Path]:
     dirs[:] = sorted(d for d in dirs if not d.endswith(".dist-info") and d not in ("tests", "test", "__pycache__")
                      and not d.startswith("."))
     files += [pathlib.Path(root, n) for n in sorted(names)
-              if os.path.splitext(n)[1] in SITE_PACKAGES_SUFFIXES and sources.language_of(n)]
+              if os.path.splitext(n)[1] in SITE_PACKAGES_SUFFIXES and language_of(n)]
   return files
 
 
@@ -101,7 +131,7 @@ def _sample(root: pathlib.Path, files: list[pathlib.Path], budget: int, max_file
   """
   by_language: dict[str, list[pathlib.Path]] = {}
   for path in files:
-    by_language.setdefault(sources.language_of(path.name), []).append(path)
+    by_language.setdefault(language_of(path.name), []).append(path)
   def order(path):
     return hashlib.sha256(f"{seed}:{path.relative_to(root)}".encode()).digest()
 

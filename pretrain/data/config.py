@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import pathlib
 
 from pretrain.schema import ConfigError
 
@@ -96,3 +98,20 @@ class DataConfig:
     for name, weight in self.weights.items():
       if weight < 0:
         raise ConfigError(f"{key}.weights.{name}", f"must be >= 0, got {weight}")
+
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+
+
+def cache_dir() -> pathlib.Path:
+  """Where the built-in corpus, its tokenizers and prepared shards live: $PRETRAIN_CACHE, else ~/.cache/pretrain."""
+  return pathlib.Path(os.environ.get("PRETRAIN_CACHE", "~/.cache/pretrain")).expanduser()
+
+
+def builtin_data(vocab_size: int, **settings) -> DataConfig:
+  """The built-in mixture (data_mixtures/builtin.py), a sentencepiece tokenizer of `vocab_size` trained on it
+  on first use, its shards prepared in the cache; shared by every run that asks for the same vocabulary."""
+  cache = cache_dir() / "builtin"
+  return DataConfig(mixture=str(REPO / "data_mixtures" / "builtin.py"), prepared_dir=str(cache / f"prepared-sp{vocab_size}"),
+                    tokenizer=str(cache / f"tokenizer-sp{vocab_size}"), train_tokenizer_vocab_size=vocab_size,
+                    **settings)

@@ -22,22 +22,11 @@ for FIM documents only, `rng.integers(0, n_chars + 1, size=2)` (the cuts) and
 
 from __future__ import annotations
 
-import dataclasses
-from typing import TYPE_CHECKING
-
 import numpy as np
 
-if TYPE_CHECKING:
-  from pretrain.data.tokenizer import Tokenizer
+from pretrain.data.tokenizer import FimIds, Tokenizer
 
 _NO_IDS = np.zeros(0, np.int32)
-
-
-@dataclasses.dataclass(frozen=True)
-class FimIds:
-  begin: int
-  hole: int
-  end: int
 
 
 def transform(ids: np.ndarray, rng: np.random.Generator, tokenizer: Tokenizer, *, fim_rate: float,

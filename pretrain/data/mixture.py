@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from typing import Literal
 
 from pretrain import schema
+from pretrain.config import call_file_function
 from pretrain.schema import ConfigError
 
 Domain = Literal["code", "math", "text"]
@@ -48,10 +49,21 @@ class Component:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class BuiltinCorpus:
+  """Inputs made from files every Python install has (data/builtin_corpus.py), written into `dir` the
+  first time they are read (`sources.plan_units`), never when the mixture file is."""
+
+  dir: str
+  seed: int = 0
+  max_code_files: int | None = None  # None: every file the corpus's byte budgets allow
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class Mixture:
   name: str
   components: tuple[Component, ...]
   root: str = ""  # the directory relative inputs are resolved against (set by `load`)
+  builtin_corpus: BuiltinCorpus | None = None  # where the inputs come from, when they are the built-in corpus
 
   def validate(self, key: str) -> None:
     if not self.components:
@@ -103,8 +115,6 @@ class Mixture:
 
 def load(spec: str) -> Mixture:
   """Runs `get_mixture(arg)` of the Python file in `FILE[:ARG]` and checks it against the schema."""
-  from pretrain.config import call_file_function
-
   values = call_file_function(spec, "get_mixture", "mixture")
   values = values.to_dict() if hasattr(values, "to_dict") else dict(values)
   file = pathlib.Path(str(spec).partition(":")[0])

@@ -7,11 +7,11 @@ next-token pair inside a document is a target exactly once: nothing lost, nothin
 duplicated. A document that does not fit is split and continues in the next row; it
 is never dropped.
 
-Per row: `inputs`, `targets`, `segment_ids` (1, 2, ... per document piece in the row,
-0 for padding), `positions` (restarting at 0 for each piece, the document's own
-positions in the row), `loss_mask` (1.0 where the target follows its input inside one
-document; the EOS -> next BOS pair and padding are 0), and `component` (which mixture
-component the row came from; each row comes from one, so per-domain loss is per row).
+Per row, the fields of `batch.FIELDS`: `inputs`, `targets`, `segment_ids` (1, 2, ... per
+document piece in the row, 0 for padding), `positions` (restarting at 0 for each piece, the
+document's own positions in the row), `loss_mask` (1.0 where the target follows its input
+inside one document; the EOS -> next BOS pair and padding are 0), and `component` (which
+mixture component the row came from; each row comes from one, so per-domain loss is per row).
 
 The iterator's state is the parent's state just before the oldest document still in
 the buffer, plus how many of its tokens were already emitted: restoring re-reads those
@@ -25,6 +25,8 @@ from typing import Any
 
 import grain
 import numpy as np
+
+from pretrain.data import batch
 
 
 class PackIterDataset(grain.IterDataset):
@@ -85,14 +87,7 @@ class _PackIterator(grain.DatasetIterator):
       offset = 0
     stream, doc_of = np.concatenate(pieces), np.concatenate(doc_ids)
     length = self._seq_len
-    row = {
-        "inputs": np.full(length, self._pad_id, np.int32),
-        "targets": np.full(length, self._pad_id, np.int32),
-        "segment_ids": np.zeros(length, np.int32),
-        "positions": np.zeros(length, np.int32),
-        "loss_mask": np.zeros(length, np.float32),
-        "component": np.int32(self._component),
-    }
+    row = batch.empty_row(length, self._pad_id, self._component)
     n = min(take, length)  # inputs in this row
     t = min(n, take - 1)  # inputs that have a target in the stream
     row["inputs"][:n] = stream[:n]

@@ -24,6 +24,7 @@ import pathlib
 import grain
 import numpy as np
 
+from pretrain import storage
 from pretrain.data import fim, records
 from pretrain.data.config import DataConfig
 from pretrain.data.mixture import Component, Mixture
@@ -32,7 +33,9 @@ from pretrain.schema import ConfigError
 
 
 def shard_paths(prepared_dir, component: Component) -> list[pathlib.Path]:
-  directory = pathlib.Path(prepared_dir) / component.name
+  """A component's shards; those of a bucket's prepared directory in its local copy (`workspace.ensure_prepared`)."""
+  local = storage.cache_path(prepared_dir) if storage.is_url(prepared_dir) else pathlib.Path(prepared_dir)
+  directory = local / component.name
   paths = sorted(directory.glob(f"shard-*{records.SHARD_SUFFIX}"))
   if not paths:
     raise ConfigError("config.data.prepared_dir",

@@ -37,6 +37,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from pretrain import schema
+from pretrain.atomic_file import atomic_file
 from pretrain.data import dedup, filters, records, sources
 from pretrain.data.config import Prepare
 from pretrain.data.mixture import Component, Mixture
@@ -191,10 +192,8 @@ def _select(directory: pathlib.Path, component: Component, units: list[sources.U
   stats = {"skipped": {r: skipped[r] for r in SKIP_REASONS},
            "by_language": {language: dict(counts) for language, counts in sorted(by_language.items())}}
   selection = {"stats": stats, "unit": np.asarray(kept_unit, np.int64), "position": np.asarray(kept_position, np.int64)}
-  tmp = directory / f".{SELECTION}.tmp-{os.getpid()}"
-  with open(tmp, "wb") as f:
+  with atomic_file(path) as tmp, open(tmp, "wb") as f:
     np.savez(f, stats=np.asarray(json.dumps(stats)), unit=selection["unit"], position=selection["position"])
-  os.replace(tmp, path)
   log(f"{component.name}: kept {len(kept_unit)} of {sum(c['documents_read'] for c in by_language.values())} documents")
   return selection
 
@@ -377,6 +376,5 @@ def _manifest(mixture: Mixture, plan: dict, config: Prepare, components: dict[st
 
 
 def _write_json(path: pathlib.Path, value: Any) -> None:
-  tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-  tmp.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n")
-  os.replace(tmp, path)
+  with atomic_file(path) as tmp:
+    tmp.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n")

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import pathlib
 import struct
 
 import numpy as np
+
+from pretrain.atomic_file import atomic_file
 
 SHARD_SUFFIX = ".array_record"
 _HEADER_LEN = struct.Struct("<I")
@@ -63,9 +64,8 @@ def write_shard(path: pathlib.Path, docs) -> int:
   from array_record.python.array_record_module import ArrayRecordWriter
 
   path = pathlib.Path(path)
-  tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
   lengths = []
-  try:
+  with atomic_file(path) as tmp:
     writer = ArrayRecordWriter(str(tmp), "group_size:1")  # random access to every record
     try:
       for doc in docs:
@@ -73,10 +73,6 @@ def write_shard(path: pathlib.Path, docs) -> int:
         lengths.append(len(doc.tokens))
     finally:
       writer.close()
-    os.replace(tmp, path)
-  except BaseException:
-    tmp.unlink(missing_ok=True)
-    raise
   _save_lengths(path, np.asarray(lengths, np.int64))  # so the pipeline never has to scan the shard
   return len(lengths)
 
@@ -86,11 +82,8 @@ def _lengths_path(path: pathlib.Path) -> pathlib.Path:
 
 
 def _save_lengths(path: pathlib.Path, lengths: np.ndarray) -> None:
-  sidecar = _lengths_path(path)
-  tmp = sidecar.parent / f".{sidecar.name}.tmp-{os.getpid()}"
-  with open(tmp, "wb") as f:
+  with atomic_file(_lengths_path(path)) as tmp, open(tmp, "wb") as f:
     np.save(f, lengths)
-  os.replace(tmp, sidecar)
 
 
 def read_shard(path: pathlib.Path):

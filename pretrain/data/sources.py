@@ -23,30 +23,11 @@ import pathlib
 import zlib
 from collections.abc import Iterator
 
+from pretrain.data import builtin_corpus
+from pretrain.data.languages import language_of
 from pretrain.data.mixture import Mixture
 from pretrain.schema import ConfigError
 
-LANGUAGE_BY_EXTENSION = {
-    ".py": "python", ".pyi": "python", ".pyx": "cython", ".pxd": "cython",
-    ".c": "c", ".h": "c", ".cpp": "cpp", ".cc": "cpp", ".cxx": "cpp", ".hpp": "cpp", ".hh": "cpp", ".hxx": "cpp",
-    ".cu": "cuda", ".cuh": "cuda", ".m": "objective-c", ".mm": "objective-cpp",
-    ".js": "javascript", ".mjs": "javascript", ".cjs": "javascript", ".jsx": "javascript",
-    ".ts": "typescript", ".tsx": "typescript", ".java": "java", ".kt": "kotlin", ".scala": "scala",
-    ".go": "go", ".rs": "rust", ".rb": "ruby", ".php": "php", ".cs": "csharp", ".swift": "swift",
-    ".lua": "lua", ".pl": "perl", ".pm": "perl", ".r": "r", ".R": "r", ".jl": "julia", ".hs": "haskell",
-    ".ml": "ocaml", ".ex": "elixir", ".erl": "erlang", ".clj": "clojure", ".dart": "dart", ".f90": "fortran",
-    ".sh": "shell", ".bash": "shell", ".zsh": "shell", ".ps1": "powershell", ".bat": "batchfile",
-    ".html": "html", ".htm": "html", ".css": "css", ".scss": "scss", ".vue": "vue",
-    ".json": "json", ".yaml": "yaml", ".yml": "yaml", ".toml": "toml", ".ini": "ini", ".cfg": "ini",
-    ".xml": "xml", ".xsl": "xslt", ".xslt": "xslt", ".svg": "xml",
-    ".md": "markdown", ".rst": "restructuredtext", ".txt": "text", ".tex": "tex",
-    ".sql": "sql", ".proto": "protobuf", ".cmake": "cmake", ".asm": "assembly", ".s": "assembly",
-}
-LANGUAGE_BY_NAME = {
-    "Makefile": "make", "makefile": "make", "GNUmakefile": "make", "Dockerfile": "dockerfile",
-    "CMakeLists.txt": "cmake", "Rakefile": "ruby", "Gemfile": "ruby", "BUILD": "starlark",
-    "BUILD.bazel": "starlark", "WORKSPACE": "starlark",
-}
 SKIPPED_DIRS = {"__pycache__"}  # and every hidden directory (.git, .venv, ...)
 
 
@@ -77,11 +58,6 @@ class RawDocument:
   source: str  # path, path:line (JSONL, 1-based) or path#row (Parquet, 0-based)
 
 
-def language_of(path: str) -> str | None:
-  name = os.path.basename(path)
-  return LANGUAGE_BY_NAME.get(name) or LANGUAGE_BY_EXTENSION.get(os.path.splitext(name)[1])
-
-
 def _kind_of(path: str) -> str | None:
   if path.endswith((".jsonl", ".jsonl.gz")):
     return "jsonl"
@@ -98,7 +74,10 @@ def _walk(directory: str) -> Iterator[str]:
 
 
 def plan_units(mixture: Mixture, index: int) -> tuple[list[Unit], collections.Counter]:
-  """The units of component `index`, and counts of files skipped for an unknown type."""
+  """The units of component `index`, and counts of files skipped for an unknown type. The built-in corpus
+  is written on first use, here, where its files are first read."""
+  if mixture.builtin_corpus is not None:
+    builtin_corpus.ensure(mixture.builtin_corpus)
   component = mixture.components[index]
   key = f"mixture {mixture.name}.components[{index}].inputs"
   if not component.inputs:

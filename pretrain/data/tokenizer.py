@@ -23,8 +23,16 @@ from typing import Any
 import numpy as np
 
 from pretrain.data.config import SpecialTokens
-from pretrain.data.fim import FimIds
 from pretrain.schema import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class FimIds:
+  """The fill-in-the-middle sentinels' token ids (data/fim.py), looked up in the tokenizer."""
+
+  begin: int
+  hole: int
+  end: int
 
 _SPACE_ESCAPE = "▁"  # U+2581: how sentencepiece and Metaspace write a space inside a piece
 _FIM_FIELDS = ("fim_begin", "fim_hole", "fim_end")

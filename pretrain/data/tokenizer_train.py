@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import os
 import pathlib
-import shutil
-import tempfile
 from collections.abc import Iterable, Iterator
 
+from pretrain.atomic_file import atomic_dir
 from pretrain.data.config import SpecialTokens
 from pretrain.schema import ConfigError
 
@@ -48,9 +47,7 @@ def train_sentencepiece(texts: Iterable[str], out_dir, *, vocab_size: int, speci
       errors.append(e)
       raise
 
-  out_dir.parent.mkdir(parents=True, exist_ok=True)
-  tmp_dir = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-  try:
+  with atomic_dir(out_dir) as tmp_dir:
     try:
       sentencepiece.SentencePieceTrainer.train(
           sentence_iterator=sentences(),
@@ -82,11 +79,6 @@ def train_sentencepiece(texts: Iterable[str], out_dir, *, vocab_size: int, speci
     if trained != vocab_size:
       raise ConfigError("vocab_size", f"sentencepiece made {trained} pieces, not the {vocab_size} asked for: "
                         "give it more text or ask for a smaller vocab_size")
-    if out_dir.exists():
-      out_dir.rmdir()  # empty, checked above
-    tmp_dir.rename(out_dir)
-  finally:
-    shutil.rmtree(tmp_dir, ignore_errors=True)
   return out_dir / MODEL_NAME
 
 

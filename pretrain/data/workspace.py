@@ -4,14 +4,20 @@
 mixture's own documents first when it does not exist and the config asks for one
 (`train_tokenizer_vocab_size`: the built-in default). `ensure_prepared` runs `prepare`,
 which skips what `prepared_dir` already holds and resumes an interrupted run.
+
+Either may be a gs:// or s3:// URL, read through a local copy (`storage.download`, under
+$PRETRAIN_CACHE/objects/). A prepared directory on a bucket is read as it is, not prepared there:
+prepare it locally (its raw inputs are where `pretrain prepare` runs) and copy it up whole.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import pathlib
 from collections.abc import Callable
 
+from pretrain import storage
 from pretrain.data import mixture as mixture_lib
 from pretrain.data import prepare, sources
 from pretrain.data.config import DataConfig
@@ -22,6 +28,9 @@ from pretrain.schema import ConfigError
 
 
 def ensure_tokenizer(data: DataConfig, mixture: Mixture, log: Callable[[str], None] = print) -> Tokenizer:
+  if storage.is_url(data.tokenizer):  # sentencepiece and tokenizers read local files
+    return load_tokenizer(storage.download(data.tokenizer, "config.data.tokenizer"), data.special_tokens,
+                          key="config.data")
   path = pathlib.Path(data.tokenizer).expanduser()
   if not path.exists():
     if data.train_tokenizer_vocab_size is None:
@@ -38,8 +47,31 @@ def ensure_prepared(data: DataConfig, *, workers: int | None = None, overwrite_m
   """(mixture, tokenizer, manifest) with every component's shards in `data.prepared_dir`."""
   mixture = mixture_lib.load(data.mixture)
   tokenizer = ensure_tokenizer(data, mixture, log)
+  if storage.is_url(data.prepared_dir):
+    return mixture, tokenizer, _download_prepared(data.prepared_dir, mixture, tokenizer, log)
   config = data.prepare if workers is None else dataclasses.replace(data.prepare, workers=workers)
   # prepare() itself skips every finished shard, so a finished preparation costs only its planning.
   manifest = prepare.prepare(mixture, pathlib.Path(data.prepared_dir).expanduser(), tokenizer, config=config,
                              tokenizer_path=str(tokenizer.path), overwrite_mismatch=overwrite_mismatch, log=log)
   return mixture, tokenizer, manifest
+
+
+def _download_prepared(url: str, mixture: Mixture, tokenizer: Tokenizer, log: Callable[[str], None]) -> dict:
+  """The manifest of a directory prepared elsewhere and copied to a bucket; its shards copied to this host."""
+  key = "config.data.prepared_dir"
+  manifest_url = f"{url.rstrip('/')}/{prepare.MANIFEST}"
+  if not storage.as_path(manifest_url).exists():
+    storage.check_bucket(url, key)
+    raise ConfigError(key, f"{manifest_url} does not exist: a prepared directory on a bucket is read, not "
+                      "prepared there; run `pretrain prepare` into a local directory and copy it there whole")
+  manifest = json.loads(storage.as_path(manifest_url).read_text())
+  missing = [name for name in mixture.names if name not in manifest.get("components", {})]
+  if missing:
+    raise ConfigError(key, f"{url} holds no prepared component {missing[0]!r} of mixture {mixture.name!r} "
+                      f"(it has {', '.join(sorted(manifest.get('components', {}))) or 'none'})")
+  if manifest.get("tokenizer", {}).get("sha256") != prepare._file_digest(tokenizer.path):
+    raise ConfigError(key, f"{url} was prepared with another tokenizer than {tokenizer.path} "
+                      f"({manifest.get('tokenizer', {}).get('path')}, see its {prepare.MANIFEST})")
+  log(f"reading the prepared data in {url} from its copy in {storage.cache_path(url)}")
+  storage.download(url, key)
+  return manifest

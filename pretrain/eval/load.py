@@ -1,11 +1,11 @@
 """From `--checkpoint` to a model and its tokenizer, for every evaluation.
 
 `--checkpoint` names one of the three sources `init_from` reads (train/checkpoint.py):
-  - a Hugging Face directory (config.json + safetensors): `convert.load_hf`;
-  - an Orbax model checkpoint (model_config.json, `pretrain convert --to-orbax`): `convert.load_orbax`;
-  - a training work directory (checkpoints/): its latest checkpoint's parameters, read by
-    `checkpoint.load_init_params`, with the model config the trainer recorded in its
-    experiment.json. A staged recipe's work directory (stages/<i>-<name>/) stands for its
+  - a Hugging Face directory (config.json + safetensors);
+  - an Orbax model checkpoint (model_config.json, `pretrain convert --to-orbax`);
+  - a training work directory (checkpoints/): its latest checkpoint's parameters, with the
+    model config the trainer recorded in its experiment.json.
+The parameters are read by `checkpoint.load_init_params`, as `init_from` reads them. A staged recipe's work directory (stages/<i>-<name>/) stands for its
     latest finished stage; name a stage's directory to evaluate an unfinished one.
 The tokenizer is `--tokenizer` if given, else the run's `data.tokenizer` (work directory),
 else the tokenizer.json or single *.model inside the checkpoint directory. A Hugging Face
@@ -29,6 +29,7 @@ import jax
 from flax import nnx
 
 from pretrain import convert, models, schema
+from pretrain.convert import hf_import, param_shapes
 from pretrain.data import mixture as mixture_lib
 from pretrain.data.config import SpecialTokens
 from pretrain.data.mixture import Mixture
@@ -88,16 +89,12 @@ def load_tokenizer_of(source: Source) -> Tokenizer:
 
 
 def load_model(source: Source) -> models.CausalLM:
-  """The model with the source's parameters, on the default device."""
-  if source.kind == "huggingface":
-    return convert.load_hf(source.path)
-  if source.kind == "orbax":
-    return convert.load_orbax(source.path)
-  graphdef, abstract_params = nnx.split(models.build_abstract(source.model_config))
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  placed = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract_params)
-  params = checkpoint.load_init_params(str(source.path), placed)
-  return nnx.merge(graphdef, params)
+  """The model with the source's parameters, on the default device (read as `init_from` reads them)."""
+  graphdef, abstract_params, rest = nnx.split(models.build_abstract(source.model_config), nnx.Param, ...)
+  placed = param_shapes.placed(abstract_params, jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
+  params = checkpoint.load_init_params(str(source.path), placed, read_window_bytes=hf_import.DEFAULT_READ_WINDOW_BYTES,
+                                       key=KEY, log=lambda *_: None)
+  return nnx.merge(graphdef, params, rest)
 
 
 def load_mixture(spec: str, flag: str) -> Mixture:

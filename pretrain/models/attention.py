@@ -20,13 +20,16 @@ runs in bfloat16/float16 only.
 
 from __future__ import annotations
 
+import typing
+
 import jax
 import jax.numpy as jnp
 
 from pretrain.models import blockwise_attention, cudnn_attention, splash_attention
+from pretrain.models.config import AttentionImplementation
 from pretrain.models import context_parallel as context_parallel_lib
 
-IMPLEMENTATIONS = ("auto", "reference", "blockwise", "splash", "cudnn")
+IMPLEMENTATIONS = typing.get_args(AttentionImplementation)
 
 
 def attend(q_BxSxNxK, k_BxSxMxK, v_BxSxMxV, *, scale: float, segment_ids_BxS: jnp.ndarray | None = None,

@@ -1,4 +1,7 @@
-"""What both families share at the top: embed, a stack of blocks, norm, unembed.
+"""What both families share at the top: embed, the blocks, norm, unembed.
+
+The blocks live in `layers`, a list of block_stack.BlockStack: runs of consecutive
+layers of one structure, each stored stacked and run as one scan.
 
 `features` returns the final hidden states and the auxiliary outputs (MoE balance
 loss, expert load); `logits` projects hidden states to the vocabulary in float32.
@@ -15,11 +18,25 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from pretrain.models import layers
+from pretrain.models import block_stack, layers
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+# With no rematerialisation a scanned block still goes through jax.checkpoint: a scan saves every
+# value its backward pass reads in a per-layer stacked copy, including those straight-line XLA never
+# stores (a reshape or transpose is a view of its operand; an elementwise product is fused into the
+# ops that read it). So layout changes and products are not saved: the backward pass redoes them
+# from their saved operands, as unscanned XLA would (the step needs no more memory than unscanned).
+_RECOMPUTED_OPS = frozenset({"reshape", "broadcast_in_dim", "convert_element_type", "squeeze", "expand_dims",
+                             "transpose", "copy", "mul"})
+
+
+def _all_but_views_and_products(prim, *_, **__) -> bool:
+  return prim.name not in _RECOMPUTED_OPS
+
+
 # Rematerialisation of each block in the backward pass: what the forward pass keeps.
 REMAT_POLICIES = {
+    "none": _all_but_views_and_products,  # every other activation
     "block": jax.checkpoint_policies.nothing_saveable,  # only the block's input; all else recomputed
     "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,  # also weight matmul outputs
 }
@@ -34,33 +51,33 @@ class CausalLM(nnx.Module):
 
   def init_trunk(self, config, block_cls, *, rngs: nnx.Rngs):
     self.config = config
-    self.remat = "none"  # set by the trainer (TrainConfig.remat): "none" or a key of REMAT_POLICIES
+    self.remat = "none"  # set by the trainer (TrainConfig.remat): a key of REMAT_POLICIES
     self.activation_sharding = None  # set by the trainer: where [B, S, D] hidden states live between blocks
     self.dtype = DTYPES[config.dtype]
     std = config.initializer_range
     self.embed_tokens = layers.Embedding(config.vocab_size, config.hidden_size, std, rngs=rngs)
-    self.layers = nnx.List([block_cls(config, i, rngs=rngs) for i in range(config.num_hidden_layers)])
+    self.layers = nnx.List([block_stack.BlockStack(config, block_cls, first, count, rngs=rngs)
+                            for first, count in block_stack.runs(config)])
     self.norm = layers.RMSNorm(config.hidden_size, config.rms_norm_eps, rngs=rngs)
     self.lm_head = (None if config.tie_word_embeddings else
                     layers.param(rngs, (config.hidden_size, config.vocab_size), ("embed", "vocab"), std))
 
   def features(self, input_ids_BxS: jnp.ndarray, positions_BxS: jnp.ndarray | None = None,
                segment_ids_BxS: jnp.ndarray | None = None) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
-    """Final hidden states [B, S, D] and aux outputs (summed balance loss, per-layer expert load)."""
+    """Final hidden states [B, S, D] and aux outputs (balance loss summed over MoE layers, their expert load)."""
     if positions_BxS is None:
       positions_BxS = jnp.broadcast_to(jnp.arange(input_ids_BxS.shape[1]), input_ids_BxS.shape)
     x_BxSxD = self._pin(self.embed_tokens(input_ids_BxS, self.dtype))
     balance_losses, expert_loads = [], []
-    run = _call if self.remat == "none" else nnx.remat(_call, policy=REMAT_POLICIES[self.remat])
-    for block in self.layers:
-      x_BxSxD, aux = run(block, x_BxSxD, positions_BxS, segment_ids_BxS)
-      x_BxSxD = self._pin(x_BxSxD)
-      if aux is not None:
-        balance_losses.append(aux["balance_loss"])
+    policy = REMAT_POLICIES[self.remat]
+    for stack in self.layers:
+      x_BxSxD, aux = stack(x_BxSxD, positions_BxS, segment_ids_BxS, policy=policy, pin=self._pin)
+      if aux is not None:  # an MoE stack: [count] balance losses, [count, n_routed_experts] loads
+        balance_losses.append(aux["balance_loss"].sum())
         expert_loads.append(aux["expert_load"])
     out = {"balance_loss": sum(balance_losses, jnp.zeros((), jnp.float32))}
     if expert_loads:
-      out["expert_load"] = jnp.stack(expert_loads)  # [moe_layers, n_routed_experts]
+      out["expert_load"] = jnp.concatenate(expert_loads)  # [moe_layers, n_routed_experts], in layer order
     return self.norm(x_BxSxD), out
 
   def _pin(self, x_BxSxD: jnp.ndarray) -> jnp.ndarray:
@@ -84,7 +101,3 @@ class CausalLM(nnx.Module):
     x_BxSxD, aux = self.features(input_ids_BxS, positions_BxS, segment_ids_BxS)
     logits_BxSxV = self.logits(x_BxSxD)
     return (logits_BxSxV, aux) if return_aux else logits_BxSxV
-
-
-def _call(block, x_BxSxD, positions_BxS, segment_ids_BxS):
-  return block(x_BxSxD, positions_BxS, segment_ids_BxS)

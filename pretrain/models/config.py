@@ -12,6 +12,10 @@ from typing import Literal
 from pretrain.schema import ConfigError
 
 DType = Literal["float32", "bfloat16", "float16"]
+# How attention computes (pretrain/models/attention.py); not part of the checkpoint.
+AttentionImplementation = Literal["auto", "reference", "blockwise", "splash", "cudnn"]
+# How routed experts compute (pretrain/models/grouped_experts.py); not part of the checkpoint.
+MoeImplementation = Literal["auto", "ragged_dot", "blocked"]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -58,8 +62,7 @@ class Qwen2Config:
   rms_norm_eps: float = 1e-6
   tie_word_embeddings: bool = False
   max_position_embeddings: int = 32768
-  # How attention computes (pretrain/models/attention.py); not part of the checkpoint.
-  attention_implementation: Literal["auto", "reference", "blockwise", "splash", "cudnn"] = "auto"
+  attention_implementation: AttentionImplementation = "auto"
   bos_token_id: int | None = None
   eos_token_id: int | None = None
   initializer_range: float = 0.02
@@ -68,6 +71,10 @@ class Qwen2Config:
   @property
   def head_dim(self) -> int:
     return self.hidden_size // self.num_attention_heads
+
+  def is_moe_layer(self, layer: int) -> bool:
+    del layer  # a dense family: every block has the same structure (models/block_stack.py)
+    return False
 
   def validate(self, key: str) -> None:
     _positive(self, key, "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -114,10 +121,8 @@ class DeepseekV2Config:
   moe_layer_freq: int = 1
   aux_loss_alpha: float = 0.001
   seq_aux: bool = True
-  # How routed experts compute (pretrain/models/grouped_experts.py); not part of the checkpoint.
-  moe_implementation: Literal["auto", "ragged_dot", "blocked"] = "auto"
-  # How attention computes (pretrain/models/attention.py); not part of the checkpoint.
-  attention_implementation: Literal["auto", "reference", "blockwise", "splash", "cudnn"] = "auto"
+  moe_implementation: MoeImplementation = "auto"
+  attention_implementation: AttentionImplementation = "auto"
   # positions and the rest
   rope_theta: float = 10000.0
   rope_scaling: RopeScaling = dataclasses.field(default_factory=RopeScaling)

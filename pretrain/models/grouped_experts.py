@@ -19,11 +19,14 @@ differ in how they lower ragged_dot there).
 from __future__ import annotations
 
 import functools
+import typing
 
 import jax
 import jax.numpy as jnp
 
-IMPLEMENTATIONS = ("auto", "ragged_dot", "blocked")
+from pretrain.models.config import MoeImplementation
+
+IMPLEMENTATIONS = typing.get_args(MoeImplementation)
 
 
 # Jitted on its own so an eager model call (tests, notebooks) compiles the sort/scan/unsort once per

@@ -83,10 +83,6 @@ class Embedding(nnx.Module):
   def __call__(self, input_ids_BxS: jnp.ndarray, dtype) -> jnp.ndarray:
     return jnp.take(self.table[...], input_ids_BxS, axis=0).astype(dtype)
 
-  def attend(self, x_BxSxD: jnp.ndarray, dtype) -> jnp.ndarray:
-    """Tied output projection: logits against the embedding table."""
-    return einsum("BSD,VD->BSV", x_BxSxD, self.table, dtype)
-
 
 class SwiGLU(nnx.Module):
   """down(silu(gate(x)) * up(x)): the dense MLP of both families and DeepSeek's shared experts."""

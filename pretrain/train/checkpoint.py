@@ -14,7 +14,6 @@ latest checkpoint).
 
 from __future__ import annotations
 
-import pathlib
 from typing import Any
 
 import grain
@@ -22,7 +21,9 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from pretrain import convert
+from pretrain import storage
+from pretrain.convert import hf_import, orbax_io
+from pretrain.convert.errors import ConversionError
 from pretrain.schema import ConfigError
 from pretrain.train.config import TrainConfig
 
@@ -30,11 +31,15 @@ CHECKPOINTS_DIR = "checkpoints"
 
 
 class Checkpoints:
+  # Orbax (0.12) writes arrays to a bucket through tensorstore's gcs driver, and builds no other
+  # kvstore from a URL: an s3:// directory would be taken for a relative local path.
+  URL_SCHEMES = ("gs://",)
+
   def __init__(self, workdir, config: TrainConfig):
     options = ocp.CheckpointManagerOptions(
         max_to_keep=config.keep_last, keep_period=config.keep_every or None, create=True,
         enable_async_checkpointing=True, cleanup_tmp_directories=True)
-    self.directory = pathlib.Path(workdir).absolute() / CHECKPOINTS_DIR
+    self.directory = storage.local_absolute(workdir) / CHECKPOINTS_DIR
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data"))
 
   def latest_step(self) -> int | None:
@@ -43,8 +48,9 @@ class Checkpoints:
   def save(self, step: int, state: dict[str, Any], data_iter: grain.DatasetIterator) -> None:
     """Starts an asynchronous save of `state`; the next save (or `wait`) waits for it. The data
     iterator's position is taken now, one file per process (Grain's handler), so each process of
-    a pod resumes its own input streams."""
-    self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+    a pod resumes its own input streams. Arrays are stored in chunks of one layer's or expert's slot
+    (`orbax_io.save_args`), so an export or a restore onto another mesh reads only what it needs."""
+    self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state, save_args=orbax_io.save_args(state)),
                                                     data=grain.checkpoint.CheckpointSave(data_iter)), force=True)
 
   def restore(self, step: int, abstract_state: dict[str, Any],
@@ -64,36 +70,48 @@ class Checkpoints:
 
 
 def has_checkpoints(workdir) -> bool:
-  """Whether `workdir` holds a complete checkpoint (Orbax renames a step directory to its number when done)."""
-  directory = pathlib.Path(workdir) / CHECKPOINTS_DIR
-  return directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
+  """Whether `workdir` holds a complete checkpoint. Orbax renames a local step directory to its number
+  when done; on a bucket (no rename) it writes the step in place and a commit_success.txt file last."""
+  directory = storage.as_path(workdir) / CHECKPOINTS_DIR
+  return directory.is_dir() and any(p.name.isdigit() and ocp.step.is_checkpoint_finalized(p)
+                                    for p in directory.iterdir())
 
 
-def load_init_params(path: str, abstract_params: nnx.State) -> nnx.State:
-  """Parameters to start from, checked against the run's model; placed on the abstract params' shardings."""
-  source = pathlib.Path(path).expanduser()
+def load_init_params(path: str, abstract_params: nnx.State, *, read_window_bytes: int,
+                     key: str = "config.train.init_from", log=print) -> nnx.State:
+  """Parameters to start from, checked against the run's model, built directly on the abstract params'
+  shardings: each process reads only the shards its devices hold (nothing is gathered). `key` names
+  the setting in errors."""
+  storage.check_bucket(path, key)
+  source = storage.local_absolute(path)
   if not source.exists():
-    raise ConfigError("config.train.init_from", f"{source} does not exist")
-  if (source / "config.json").exists():
-    params = nnx.state(convert.load_hf(source), nnx.Param)
-  elif (source / convert.orbax_io.CONFIG_FILE).exists():
-    params = nnx.state(convert.load_orbax(source), nnx.Param)
-  elif (source / CHECKPOINTS_DIR).is_dir():
-    manager = ocp.CheckpointManager(source.absolute() / CHECKPOINTS_DIR, item_names=("state", "data"))
+    raise ConfigError(key, f"{source} does not exist")
+  try:
+    if (source / "config.json").exists():
+      params, stats = hf_import.load_hf_params(source, abstract_params, read_window_bytes=read_window_bytes,
+                                               key=key)
+      log(f"read {stats.bytes_read / 1e9:.3g} of the checkpoint's {stats.checkpoint_bytes / 1e9:.3g} GB on this "
+          f"process in {stats.seconds:.1f} s")
+      return params
+    if (source / orbax_io.CONFIG_FILE).exists():
+      return orbax_io.load_params(source, abstract_params, key=key)
+  except ConversionError as e:
+    raise ConfigError(key, str(e).removeprefix(f"{key}: ")) from e
+  if not (source / CHECKPOINTS_DIR).is_dir():
+    raise ConfigError(key, f"{source} is neither a Hugging Face directory (config.json), an "
+                      "Orbax model checkpoint (model_config.json) nor a training work directory (checkpoints/)")
+  manager = ocp.CheckpointManager(source / CHECKPOINTS_DIR, item_names=("state", "data"))
+  try:
     step = manager.latest_step()
     if step is None:
-      raise ConfigError("config.train.init_from", f"{source / CHECKPOINTS_DIR} holds no complete checkpoint")
+      raise ConfigError(key, f"{source / CHECKPOINTS_DIR} holds no complete checkpoint")
     target = {"params": abstract_params}
     restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
         target, restore_args=jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), target),
         partial_restore=True)))
+  finally:
     manager.close()
-    return restored["state"]["params"]
-  else:
-    raise ConfigError("config.train.init_from", f"{source} is neither a Hugging Face directory (config.json), an "
-                      "Orbax model checkpoint (model_config.json) nor a training work directory (checkpoints/)")
-  _check_shapes(params, abstract_params, source)
-  return jax.tree.map(lambda value, target: jax.device_put(value, target.sharding), params, abstract_params)
+  return restored["state"]["params"]
 
 
 def load_init_state(path: str, abstract_state: dict[str, Any]) -> dict[str, Any]:
@@ -102,7 +120,7 @@ def load_init_state(path: str, abstract_state: dict[str, Any]) -> dict[str, Any]
   The model and optimizer must be the same; batch, sequence and schedule may differ. Placed
   on the abstract state's shardings.
   """
-  directory = pathlib.Path(path).expanduser().absolute() / CHECKPOINTS_DIR
+  directory = storage.local_absolute(path) / CHECKPOINTS_DIR
   if not directory.is_dir():
     raise ConfigError("config.train.init_optimizer_state", f"needs init_from to be a training work directory; "
                       f"{path} has no {CHECKPOINTS_DIR}/")
@@ -119,19 +137,3 @@ def load_init_state(path: str, abstract_state: dict[str, Any]) -> dict[str, Any]
   finally:
     manager.close()
   return restored["state"]
-
-
-def _check_shapes(params: nnx.State, abstract_params: nnx.State, source: pathlib.Path) -> None:
-  """The run's model may change how it computes (rope scaling, dtype), not its parameters."""
-  found = dict(jax.tree_util.tree_leaves_with_path(params))
-  for path, target in jax.tree_util.tree_leaves_with_path(abstract_params):
-    name = jax.tree_util.keystr(path)
-    if path not in found:
-      raise ConfigError("config.train.init_from", f"{source} has no parameter {name} that config.model needs")
-    if tuple(found[path].shape) != tuple(target.shape):
-      raise ConfigError("config.train.init_from", f"{source}: parameter {name} has shape {tuple(found[path].shape)}, "
-                        f"config.model needs {tuple(target.shape)}")
-  extra = set(found) - {p for p, _ in jax.tree_util.tree_leaves_with_path(abstract_params)}
-  if extra:
-    raise ConfigError("config.train.init_from", f"{source} has parameter {jax.tree_util.keystr(min(extra))} "
-                      "that config.model lacks")

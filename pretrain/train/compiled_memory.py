@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
-import jax.numpy as jnp
-
 from pretrain.config import ExperimentConfig
+from pretrain.data import batch as batch_lib
 from pretrain.schema import ConfigError
 from pretrain.train import sharding, trainer
 
@@ -46,12 +44,7 @@ def compiled_step_memory(experiment: ExperimentConfig, *, num_components: int = 
   mesh = sharding.make_mesh(cfg.mesh)
   trainer.check_batch_split(experiment, mesh)
   plan = trainer.plan_step(experiment, mesh)
-  rows, seq = data.global_batch_size, data.seq_len
-  # The packed batch (data/packing.py): [B, S] per token, `component` [B] per row.
-  batch = {name: jax.ShapeDtypeStruct((rows,) if name == "component" else (rows, seq),
-                                      jnp.float32 if name == "loss_mask" else jnp.int32,
-                                      sharding=plan.batch_sharding[name])
-           for name in trainer.BATCH_FIELDS}
+  batch = batch_lib.abstract(data.global_batch_size, data.seq_len, plan.batch_sharding)
   train_step = trainer.jit_step(plan, cfg, num_components)
   stats = train_step.lower(plan.abstract_state, batch).compile().memory_analysis()
   return CompiledMemory(argument=stats.argument_size_in_bytes, output=stats.output_size_in_bytes,

@@ -59,6 +59,7 @@ DEFAULT_AXIS_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("q_lora", ()),
     ("kv_lora", ()),
     ("norm", ()),
+    ("layers", ()),  # the leading axis of scanned blocks' stacked parameters (models/block_stack.py)
 )
 
 
@@ -77,16 +78,24 @@ class TrainConfig:
   keep_last: int = 3
   keep_every: int = 0  # also keep every checkpoint whose step is a multiple of this (0: none)
   init_from: str = ""  # a Hugging Face directory, an Orbax checkpoint or a run's work directory: its parameters
+  # Host memory a Hugging Face init_from reads at a time, beyond the process's own shards.
+  init_read_window_mib: int = 256
   # With init_from a run's work directory: also continue its Adam moments (the schedule starts afresh).
   init_optimizer_state: bool = False
+  # Hugging Face exports in <workdir>/hf/<step>/, written by all processes from the step's checkpoint:
+  export_hf: bool = False  # of the last step (each stage's, in a staged recipe)
+  export_hf_every: int = 0  # and of every step that is a multiple of this (0: none)
+  export_hf_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
   grad_spike_factor: float = 10.0  # a gradient norm above this times its running median skips the update
   max_bad_steps: int = 5  # consecutive skipped updates before the run stops
 
   def validate(self, key: str) -> None:
     for name in ("steps", "microbatches", "loss_chunk", "log_every", "checkpoint_every", "keep_last",
-                 "max_bad_steps"):
+                 "max_bad_steps", "init_read_window_mib"):
       if getattr(self, name) < 1:
         raise ConfigError(f"{key}.{name}", f"must be >= 1, got {getattr(self, name)}")
+    if self.export_hf_every < 0:
+      raise ConfigError(f"{key}.export_hf_every", f"must be >= 0 (0: no periodic exports), got {self.export_hf_every}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -46,9 +46,10 @@ from flax import nnx
 
 from pretrain import models
 from pretrain.config import ExperimentConfig
+from pretrain.data import batch as batch_lib
 from pretrain.models.config import DeepseekV2Config, ModelConfig, RopeScaling
 from pretrain.schema import ConfigError
-from pretrain.train import activation_memory, flops, sharding, trainer
+from pretrain.train import activation_memory, flops, sharding, step, trainer
 from pretrain.train.activation_memory import F32, Local
 
 GIB = 2**30
@@ -199,11 +200,17 @@ def _params(model: ModelConfig) -> tuple[tuple[_Param, int], ...]:
   """Every distinct (block, shape, logical axes) of the model's parameters and how many share it, from
   `jax.eval_shape` of the model (nothing allocated)."""
   counts: dict[_Param, int] = {}
-  for path, variable in nnx.to_flat_state(nnx.state(models.build_abstract(model), nnx.Param)):
-    layer = int(path[1]) if path[0] == "layers" else None
-    axes = variable.get_metadata().get("out_sharding") or (None,) * len(variable.shape)
-    key = _Param(layer, tuple(variable.shape), tuple(axes))
-    counts[key] = counts.get(key, 0) + 1
+  abstract = models.build_abstract(model)
+  for path, variable in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
+    shape = tuple(variable.shape)
+    axes = tuple(variable.get_metadata().get("out_sharding") or (None,) * len(shape))
+    if path[0] != "layers":
+      keys = [_Param(None, shape, axes)]
+    else:  # a scanned stack's [count, ...] parameter: one layer's slice for each layer it holds
+      stack = abstract.layers[int(path[1])]
+      keys = [_Param(stack.first_layer + slot, shape[1:], axes[1:]) for slot in range(stack.count)]
+    for key in keys:
+      counts[key] = counts.get(key, 0) + 1
   return tuple(counts.items())
 
 
@@ -291,8 +298,9 @@ def plan(experiment: ExperimentConfig, mesh: Mapping[str, int], accel: Accelerat
                                 local.compute_bytes)
   param_bytes, layer_grads = layout_params.bytes, list(layout_params.layer_bytes)
   head_grads = param_bytes - sum(layer_grads)  # embedding, final norm, output layer
-  optimizer = 2 * param_bytes + 2 * F32 + (64 + 3) * F32  # mu, nu; counts; the guard's norm history and counters
-  batch = layout["rows_per_step"] * local.seq * F32 * 5 + layout["rows_per_step"] * F32
+  # mu, nu; counts; the guard's norm history and counters
+  optimizer = 2 * param_bytes + 2 * F32 + (step.GRAD_NORM_WINDOW + 3) * F32
+  batch = layout["rows_per_step"] * batch_lib.bytes_per_row(local.seq)
 
   grads, acts, where = _peak(model, cfg.remat, local, accel.platform, cfg.microbatches, param_bytes,
                                    layer_grads, head_grads, layout_params.layer_weights)

@@ -3,8 +3,11 @@
 `MetricsWriter` appends one JSON object per logged step to `workdir/metrics.jsonl`
 (easy to read back with a few lines of Python or `jq`) and writes the same scalars to
 TensorBoard event files under `workdir/tensorboard`. Only process 0 writes, so a
-multi-host run has one copy. `Progress` draws a self-overwriting bar in a terminal
-and prints plain lines when the output goes to a log file.
+multi-host run has one copy. A work directory on a bucket (gs://, s3://) has no append: both
+are written to a local mirror and uploaded whole from a background thread, the jsonl after
+every write, TensorBoard at most every `TENSORBOARD_UPLOAD_SECONDS` and at the end.
+`Progress` draws a self-overwriting bar in a terminal and prints plain lines when the output
+goes to a log file.
 """
 
 from __future__ import annotations
@@ -14,12 +17,19 @@ import math
 import os
 import shutil
 import sys
+import tempfile
+import threading
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any, Self, TextIO
 
 import jax
 import numpy as np
+
+from pretrain import storage
+
+TENSORBOARD_UPLOAD_SECONDS = 30.0
 
 
 def _scalars(values: dict[str, Any]) -> dict[str, float]:
@@ -53,14 +63,20 @@ class MetricsWriter:
     self.enabled = enabled and jax.process_index() == 0
     self._jsonl: TextIO | None = None
     self._tensorboard = None
+    self._mirror: _BucketMirror | None = None
     if not self.enabled:
       return
     from tensorboardX import SummaryWriter  # imported here: processes that never write never load it
 
+    if storage.is_url(workdir):
+      self._mirror = _BucketMirror(storage.as_path(workdir))
+      workdir = self._mirror.local
     os.makedirs(workdir, exist_ok=True)
     self.path = os.path.join(workdir, "metrics.jsonl")
     self._jsonl = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (open for the run, closed in close())
-    self._tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"))
+    # Event files are named by the second and host; on a bucket, where one would replace another, also by writer.
+    suffix = f".{uuid.uuid4().hex[:8]}" if self._mirror is not None else ""
+    self._tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"), filename_suffix=suffix)
 
   def write(self, step: int, scalars: dict[str, Any]) -> None:
     if not self.enabled:
@@ -73,18 +89,92 @@ class MetricsWriter:
     for key, value in values.items():
       self._tensorboard.add_scalar(key, value, int(step))
     self._tensorboard.flush()
+    if self._mirror is not None:
+      self._mirror.changed()
 
   def close(self) -> None:
     if self._jsonl is not None:
       self._jsonl.close()
       self._tensorboard.close()
       self._jsonl = self._tensorboard = None
+    if self._mirror is not None:
+      self._mirror.close()
+      self._mirror = None
 
   def __enter__(self) -> Self:
     return self
 
   def __exit__(self, *exc) -> None:
     self.close()
+
+
+class _BucketMirror:
+  """A local directory that a background thread copies to a bucket directory, file by file, whole.
+
+  `metrics.jsonl` goes up after every change (one request, where a checkpoint's commit takes many,
+  so a killed run's jsonl reaches its last checkpoint); TensorBoard's event files at most every
+  TENSORBOARD_UPLOAD_SECONDS. Only whole lines go up.
+  A resumed run first fetches the jsonl to continue it. New event files get new names, so those
+  of earlier runs stay as they are.
+  """
+
+  def __init__(self, remote):
+    self.remote = remote
+    self._directory = tempfile.TemporaryDirectory(prefix="pretrain-metrics-")
+    self.local = self._directory.name
+    jsonl = remote / "metrics.jsonl"
+    if jsonl.exists():
+      with open(os.path.join(self.local, "metrics.jsonl"), "wb") as f:
+        f.write(jsonl.read_bytes())
+    self._uploaded_tensorboard, self._sizes = time.monotonic(), {}
+    self._wake, self._stop = threading.Event(), False
+    self._error: Exception | None = None
+    self._thread = threading.Thread(target=self._run, name="metrics-upload", daemon=True)
+    self._thread.start()
+
+  def changed(self) -> None:
+    if self._error is not None:
+      raise RuntimeError(f"uploading metrics to {self.remote} failed") from self._error
+    self._wake.set()
+
+  def close(self) -> None:
+    self._stop = True
+    self._wake.set()
+    self._thread.join()
+    self._directory.cleanup()
+    if self._error is not None:
+      raise RuntimeError(f"uploading metrics to {self.remote} failed") from self._error
+
+  def _run(self) -> None:
+    while True:
+      self._wake.wait()
+      self._wake.clear()
+      stop = self._stop
+      try:
+        self._upload(tensorboard=stop or time.monotonic() - self._uploaded_tensorboard >= TENSORBOARD_UPLOAD_SECONDS)
+      except Exception as e:  # noqa: BLE001 (raised in the training thread at its next write or close)
+        self._error = e
+        return
+      if stop:
+        return
+
+  def _upload(self, tensorboard: bool) -> None:
+    names = ["metrics.jsonl"]
+    if tensorboard:
+      names += [os.path.relpath(os.path.join(root, name), self.local)
+                for root, _, files in os.walk(os.path.join(self.local, "tensorboard")) for name in files]
+      self._uploaded_tensorboard = time.monotonic()
+    for name in names:
+      local = os.path.join(self.local, name)
+      if not os.path.exists(local):
+        continue
+      with open(local, "rb") as f:
+        data = f.read()
+      if name == "metrics.jsonl":  # whole lines only: the training thread may be writing the next one
+        data = data[:data.rfind(b"\n") + 1]
+      if self._sizes.get(name) != len(data):
+        (self.remote / name).write_bytes(data)
+        self._sizes[name] = len(data)
 
 
 def format_duration(seconds: float) -> str:

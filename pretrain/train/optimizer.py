@@ -14,7 +14,6 @@ import re
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import optax
 
 from pretrain.schema import ConfigError
@@ -82,9 +81,3 @@ def make_optimizer(config: OptimizerConfig, total_steps: int, params=None) -> op
                   weight_decay=config.weight_decay,
                   mask=lambda tree: weight_decay_mask(tree, config.no_weight_decay)),
   )
-
-
-def global_norm(grads) -> jax.Array:
-  """L2 norm over all leaves, accumulated in float32 (the norm clipping compares with its threshold)."""
-  leaves = jax.tree_util.tree_leaves(grads)
-  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves))

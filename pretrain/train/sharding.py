@@ -141,7 +141,8 @@ def plan_expert_parallelism(model: nnx.Module, mesh: Mesh, rules: AxisRules) -> 
     if not isinstance(module, moe.RoutedExperts):
       continue
     gate = module.gate_proj
-    expert_spec, _, mlp_spec = spec_for(gate.get_metadata()["out_sharding"], gate.shape, mesh, rules)
+    # [layers, E, D, F] in a scanned stack: the scan hands each layer its [E, D, F] slice.
+    expert_spec, _, mlp_spec = spec_for(gate.get_metadata()["out_sharding"], gate.shape, mesh, rules)[-3:]
     expert_axes = _axes(expert_spec)
     mlp_axes = tuple(a for a in _axes(mlp_spec) if a not in tokens)
     module.parallel = expert_parallel.ExpertParallel(mesh, tokens, expert_axes, mlp_axes) if expert_axes else None

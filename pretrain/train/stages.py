@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import pathlib
 from typing import Any
 
+from etils import epath
+
+from pretrain import storage
 from pretrain.atomic_file import atomic_file
 from pretrain.config import ExperimentConfig
 from pretrain.schema import ConfigError
@@ -24,16 +26,21 @@ from pretrain.train import distributed, trainer
 DONE_FILE = "STAGE_DONE"
 
 
-def stage_experiments(experiment: ExperimentConfig) -> list[tuple[pathlib.Path, ExperimentConfig]]:
+def stage_experiments(experiment: ExperimentConfig) -> list[tuple[epath.Path, ExperimentConfig]]:
   """(work directory, experiment) of each stage, in order; checked before anything runs."""
   train, data, model = experiment.train, experiment.data, experiment.model
   if data is None:
     raise ConfigError("config.data", "a staged recipe needs a data section")
-  root = pathlib.Path(train.workdir).expanduser()
+  root = storage.as_path(train.workdir)
   out, previous = [], None
   for i, stage in enumerate(experiment.stages):
     workdir = root / "stages" / f"{i}-{stage.name}"
-    stage_model = model if stage.rope_scaling is None else dataclasses.replace(model, rope_scaling=stage.rope_scaling)
+    stage_model = model if stage.rope_scaling is None else with_rope_scaling(model, stage.rope_scaling)
+    seq_len = stage.seq_len or data.seq_len
+    if seq_len > stage_model.max_position_embeddings:
+      raise ConfigError(f"config.stages[{i}].seq_len", f"{seq_len} is longer than the model's "
+                        f"{stage_model.max_position_embeddings} positions (max_position_embeddings); give the stage a "
+                        "rope_scaling (YaRN) that extends them, or a shorter seq_len")
     stage_data = dataclasses.replace(
         data, seq_len=stage.seq_len or data.seq_len, global_batch_size=stage.global_batch_size or data.global_batch_size,
         weights={**data.weights, **stage.weights}, min_length=stage.min_length or data.min_length)
@@ -48,6 +55,15 @@ def stage_experiments(experiment: ExperimentConfig) -> list[tuple[pathlib.Path, 
                                              stages=())))
     previous = workdir
   return out
+
+
+def with_rope_scaling(model, rope_scaling):
+  """The model with a stage's RoPE scaling; YaRN's positions (original x factor) become its
+  max_position_embeddings where they reach further, as DeepSeek-V2's config says 163840 = 4096 x 40."""
+  positions = model.max_position_embeddings
+  if rope_scaling.type == "yarn":
+    positions = max(positions, int(rope_scaling.original_max_position_embeddings * rope_scaling.factor))
+  return dataclasses.replace(model, rope_scaling=rope_scaling, max_position_embeddings=positions)
 
 
 def run(experiment: ExperimentConfig, *, log=print) -> dict[str, Any]:

@@ -21,12 +21,16 @@ from typing import Any
 
 import jax
 import numpy as np
+import optax
+from etils import epath
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from pretrain import models, schema
+from pretrain import models, schema, storage
 from pretrain.atomic_file import atomic_file
 from pretrain.config import ExperimentConfig
+from pretrain.convert import export, param_shapes
+from pretrain.data import batch as batch_lib
 from pretrain.data import global_batch, pipeline, workspace
 from pretrain.models import attention, causal_lm, context_parallel
 from pretrain.schema import ConfigError
@@ -34,7 +38,7 @@ from pretrain.train import checkpoint, distributed, flops, metrics, optimizer, s
 from pretrain.train.config import TrainConfig
 
 EXPERIMENT_FILE = "experiment.json"
-BATCH_FIELDS = ("inputs", "targets", "positions", "segment_ids", "loss_mask", "component")
+EXPORT_DIR = "hf"  # <workdir>/hf/<step>: Hugging Face exports (config.train.export_hf)
 
 
 class BadStepsError(RuntimeError):
@@ -46,14 +50,17 @@ def train(experiment: ExperimentConfig, *, log=print) -> dict[str, Any]:
   cfg, data, model_config = experiment.train, experiment.data, experiment.model
   if cfg is None or data is None:
     raise ConfigError("config.train" if cfg is None else "config.data", "training needs this section")
-  workdir = pathlib.Path(cfg.workdir).expanduser()
+  workdir = storage.as_path(cfg.workdir)  # local, or a gs:// bucket; a missing or refused bucket stops here
+  storage.check_bucket(workdir, "config.train.workdir", schemes=checkpoint.Checkpoints.URL_SCHEMES)
 
   # 1. Mesh and batch split: checked before anything is written.
   mesh = sharding.make_mesh(cfg.mesh)
   check_batch_split(experiment, mesh)
   check_attention(model_config)
-  if cfg.init_from and not pathlib.Path(cfg.init_from).expanduser().exists():
-    raise ConfigError("config.train.init_from", f"{cfg.init_from} does not exist")
+  if cfg.init_from:
+    storage.check_bucket(cfg.init_from, "config.train.init_from")
+    if not storage.as_path(cfg.init_from).exists():
+      raise ConfigError("config.train.init_from", f"{cfg.init_from} does not exist")
 
   # 2. Model, optimizer and where every array lives.
   plan = plan_step(experiment, mesh)
@@ -76,7 +83,8 @@ def train(experiment: ExperimentConfig, *, log=print) -> dict[str, Any]:
     init_state = checkpoint.load_init_state(cfg.init_from, plan.abstract_state)
   elif not resuming and cfg.init_from:
     init_params = checkpoint.load_init_params(cfg.init_from,
-                                              _with_shardings(plan.abstract_params, plan.param_shardings))
+                                              param_shapes.placed(plan.abstract_params, plan.param_shardings),
+                                              read_window_bytes=cfg.init_read_window_mib * 2**20, log=log)
   _check_workdir(workdir, experiment)  # the first write to the work directory
   checkpoints = checkpoint.Checkpoints(workdir, cfg)
   if resuming:
@@ -90,8 +98,7 @@ def train(experiment: ExperimentConfig, *, log=print) -> dict[str, Any]:
     state = jax.jit(lambda p: step.init_state(p, tx), out_shardings=state_shardings)(init_params)
     log(f"initialised parameters from {cfg.init_from}")
   else:
-    state = jax.jit(lambda: step.init_state(nnx.state(models.build(model_config, experiment.seed)), tx),
-                    out_shardings=state_shardings)()
+    state = fresh_state(plan, experiment)
 
   # 5. The step, and the loop.
   train_step = jit_step(plan, cfg, len(mixture.components))
@@ -111,13 +118,17 @@ def check_attention(model_config) -> None:
 
 
 def check_batch_split(experiment: ExperimentConfig, mesh) -> None:
-  """The global batch splits over the batch shards, micro-batches and processes, and a row over the context axis."""
+  """The global batch splits over the batch shards, micro-batches and processes, and a row over the context axis;
+  a row fits the model's positions."""
   cfg, data = experiment.train, experiment.data
   batch_ways = int(np.prod([mesh.shape[a] for a in sharding.batch_axes(mesh, cfg.axis_rules)]))
   for ways, what in ((batch_ways * cfg.microbatches, f"{batch_ways} batch shards x {cfg.microbatches} microbatches"),
                      (jax.process_count(), f"{jax.process_count()} processes")):
     if data.global_batch_size % ways:
       raise ConfigError("config.data.global_batch_size", f"{data.global_batch_size} does not split into {what}")
+  if data.seq_len > experiment.model.max_position_embeddings:
+    raise ConfigError("config.data.seq_len", f"{data.seq_len} is longer than the model's "
+                      f"{experiment.model.max_position_embeddings} positions (config.model.max_position_embeddings)")
   context_ways = sharding.context_ways(mesh, cfg.axis_rules)
   if data.seq_len % (2 * context_ways):  # zigzag: each context device holds 2 of 2n equal chunks of a row
     raise ConfigError("config.data.seq_len", f"{data.seq_len} does not split into 2 x {context_ways} equal "
@@ -146,13 +157,17 @@ def plan_step(experiment: ExperimentConfig, mesh) -> StepPlan:
   param_shardings = sharding.param_shardings(abstract_params, mesh, cfg.axis_rules)
   tx = optimizer.make_optimizer(cfg.optimizer, cfg.steps, abstract_params)
   unplaced_state = jax.eval_shape(lambda p: step.init_state(p, tx), abstract_params)
-  state_shardings = _state_shardings(unplaced_state, abstract_params, param_shardings, mesh)
-  abstract_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), unplaced_state,
-                                state_shardings)
-  # The pipeline's arrays (data/packing.py): [B, S] per token, `component` [B] per row.
-  batch_sharding = {name: sharding.batch_sharding(mesh, cfg.axis_rules, 1 if name == "component" else 2)
-                    for name in BATCH_FIELDS}
+  state_shardings = _state_shardings(tx, unplaced_state, param_shardings, mesh)
+  abstract_state = param_shapes.placed(unplaced_state, state_shardings)
+  batch_sharding = {field.name: sharding.batch_sharding(mesh, cfg.axis_rules, len(field.logical_axes))
+                    for field in batch_lib.FIELDS}
   return StepPlan(graphdef, abstract_params, param_shardings, tx, state_shardings, abstract_state, batch_sharding)
+
+
+def fresh_state(plan: StepPlan, experiment: ExperimentConfig) -> dict[str, Any]:
+  """A newly initialised model's train state, made directly on the state's shardings."""
+  return jax.jit(lambda: step.init_state(nnx.state(models.build(experiment.model, experiment.seed)), plan.tx),
+                 out_shardings=plan.state_shardings)()
 
 
 def jit_step(plan: StepPlan, cfg: TrainConfig, num_components: int):
@@ -186,8 +201,11 @@ def _loop(experiment, state, train_step, data_iter, checkpoints, batch_sharding,
         last = report(*pending, writer, progress)
       now = time.perf_counter()
       pending, step_start = (number + 1, step_metrics, now - step_start), now
-      if (number + 1) % cfg.checkpoint_every == 0 or number + 1 == cfg.steps or stop.requested:
+      export_due = exports_at(cfg, number + 1)
+      if (number + 1) % cfg.checkpoint_every == 0 or number + 1 == cfg.steps or stop.requested or export_due:
         checkpoints.save(number + 1, state, data_iter)
+      if export_due:
+        _export(cfg, number + 1, checkpoints, log)
       if stop.requested:
         log(f"SIGTERM: saved step {number + 1}; run the same command to continue")
         break
@@ -202,9 +220,25 @@ def _loop(experiment, state, train_step, data_iter, checkpoints, batch_sharding,
     stop.restore()
   if stop.requested:
     last = dict(last, stopped_early=True)
-  log(f"checkpoints in {checkpoints.directory}; metrics in {pathlib.Path(cfg.workdir) / 'metrics.jsonl'} and "
-      f"{pathlib.Path(cfg.workdir) / 'tensorboard'}")
+  log(f"checkpoints in {checkpoints.directory}; metrics in {storage.as_path(cfg.workdir) / 'metrics.jsonl'} and "
+      f"{storage.as_path(cfg.workdir) / 'tensorboard'}")
   return last
+
+
+def exports_at(cfg: TrainConfig, step: int) -> bool:
+  """Whether the run writes a Hugging Face export of this step (`export_hf`, `export_hf_every`)."""
+  return (cfg.export_hf and step == cfg.steps) or (cfg.export_hf_every > 0 and step % cfg.export_hf_every == 0)
+
+
+def _export(cfg: TrainConfig, step: int, checkpoints, log) -> None:
+  """`<workdir>/hf/<step>` from the checkpoint just saved, every process writing its share of the files."""
+  out = storage.as_path(cfg.workdir) / EXPORT_DIR / str(step)
+  if (out / "config.json").exists():  # exports are moved into place whole: this one is complete
+    log(f"step {step}: Hugging Face export {out} exists, kept")
+    return
+  checkpoints.wait()  # the export reads the finished checkpoint
+  stats = export.export_hf(cfg.workdir, out, dtype=cfg.export_hf_dtype, step=step)
+  log(f"step {step}: exported {out} ({cfg.export_hf_dtype}, {stats.seconds:.1f} s)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -249,35 +283,17 @@ class _Report:
     return scalars
 
 
-def _state_shardings(abstract_state, abstract_params, param_shardings, mesh):
-  """Parameters by the axis rules; optimizer leaves that mirror a parameter (Adam's moments) like it;
-  everything else (counts, the guard's history) replicated."""
+def _state_shardings(tx, abstract_state, param_shardings, mesh):
+  """Parameters by the axis rules; the optimizer's per-parameter leaves (Adam's moments) like their
+  parameter, found from the optimizer's own state structure; everything else (counts, the guard's
+  history) replicated."""
   replicated = NamedSharding(mesh, PartitionSpec())
-  by_path = {_key_names(path): (leaf.shape, sharding) for (path, leaf), sharding in zip(
-      jax.tree_util.tree_leaves_with_path(abstract_params), jax.tree.leaves(param_shardings), strict=True)}
-
-  def like_param(path, leaf):
-    names = _key_names(path)
-    for start in range(len(names)):  # the longest path suffix that names a parameter of this shape
-      shape, sharding = by_path.get(names[start:], (None, None))
-      if shape == leaf.shape:
-        return sharding
-    return replicated
-
-  shardings = jax.tree_util.tree_map_with_path(like_param, abstract_state)
-  return dict(shardings, params=param_shardings)
+  opt_state = optax.tree_utils.tree_map_params(tx, lambda _, sharding: sharding, abstract_state["opt_state"],
+                                               param_shardings, transform_non_params=lambda _: replicated)
+  return dict(jax.tree.map(lambda _: replicated, abstract_state), params=param_shardings, opt_state=opt_state)
 
 
-def _key_names(path) -> tuple[str, ...]:
-  return tuple(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
-
-
-def _with_shardings(abstract_params, param_shardings):
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_params,
-                      param_shardings)
-
-
-def _check_workdir(workdir: pathlib.Path, experiment: ExperimentConfig) -> None:
+def _check_workdir(workdir: epath.Path, experiment: ExperimentConfig) -> None:
   """A work directory belongs to one model: resuming it with another is refused before anything runs.
 
   Every process checks (they all see the same directory); process 0 writes, then all meet, so the

@@ -1,0 +1,185 @@
+"""Any run back to Hugging Face format, streamed: one tensor (one layer's, one expert's) at a time.
+
+  export_hf(source, out_dir, dtype="bfloat16")   # pretrain convert --from-orbax SOURCE --to-hf OUT --dtype ...
+
+`source` is a training work directory (its latest checkpoint, or `step`), a staged recipe's
+root (its latest finished stage), or a `save_orbax` checkpoint. Each HF tensor is read from
+the checkpoint's arrays with tensorstore, only the slot it fills of a stacked parameter
+(`TensorMap.index`), laid out, cast and appended to its safetensors file; so host memory is a
+few times the largest tensor, whatever the model's size, and nothing is ever restored whole.
+
+On a pod every process runs it at once (`config.train.export_hf`): the shard files are dealt
+out over the processes, each writes its own from the shared checkpoint, and process 0 writes
+config.json and the index and moves the directory into place once all are done. A partial
+export is never left under the final name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import tensorstore as ts
+from etils import epath
+
+from pretrain import models, storage
+from pretrain.convert import hf_io, orbax_io
+from pretrain.convert.errors import ConversionError
+from pretrain.convert.output_dir import refuse_non_empty
+from pretrain.convert.tensor_map import TensorMap
+
+CHECKPOINTS_DIR, STATE_ITEM, EXPERIMENT_FILE, STAGES_DIR, STAGE_DONE = (
+    "checkpoints", "state", "experiment.json", "stages", "STAGE_DONE")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportStats:
+  files: tuple[str, ...]  # the shard files this process wrote
+  bytes_written: int
+  largest_tensor_bytes: int
+  seconds: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+  """Where a run's parameters are: the Orbax item holding them, and the model they belong to."""
+
+  config: models.ModelConfig
+  item_dir: epath.Path  # an Orbax PyTree checkpoint directory
+  params_key: tuple[str, ...]  # the parameters' subtree in it
+  step: int | None
+
+
+def resolve(path, step: int | None = None) -> Source:
+  """The checkpoint `path` names: a save_orbax directory, a training work directory or a recipe's root."""
+  path = storage.local_absolute(path)
+  if (path / orbax_io.CONFIG_FILE).exists():
+    if step is not None:
+      raise ConversionError(f"{path} is a model checkpoint without steps; drop --step")
+    return Source(orbax_io.read_config(path), path / orbax_io.PARAMS_DIR, (), None)
+  if not (path / CHECKPOINTS_DIR).is_dir() and (path / STAGES_DIR).is_dir():
+    finished = sorted((d for d in (path / STAGES_DIR).iterdir() if (d / STAGE_DONE).exists()),
+                      key=lambda d: int(d.name.partition("-")[0]) if d.name.partition("-")[0].isdigit() else -1)
+    if not finished:
+      raise ConversionError(f"{path / STAGES_DIR} holds no finished stage; name a stage's directory")
+    path = finished[-1]
+  if not (path / CHECKPOINTS_DIR).is_dir():
+    raise ConversionError(f"{path} is neither a model checkpoint ({orbax_io.CONFIG_FILE}), a training work directory "
+                          f"({CHECKPOINTS_DIR}/) nor a staged recipe's ({STAGES_DIR}/)")
+  steps = sorted(int(p.name) for p in (path / CHECKPOINTS_DIR).iterdir()
+                 if p.name.isdigit() and ocp.step.is_checkpoint_finalized(p))
+  if not steps:
+    raise ConversionError(f"{path / CHECKPOINTS_DIR} holds no complete checkpoint")
+  if step is not None and step not in steps:
+    raise ConversionError(f"{path / CHECKPOINTS_DIR} has no checkpoint of step {step}; it has {steps}")
+  experiment = hf_io.read_json(path / EXPERIMENT_FILE)
+  try:
+    config = models.parse_model_config(experiment.get("model"), key=f"{path / EXPERIMENT_FILE} model")
+  except ValueError as e:
+    raise ConversionError(str(e)) from e
+  step = steps[-1] if step is None else step
+  return Source(config, path / CHECKPOINTS_DIR / str(step) / STATE_ITEM, ("params",), step)
+
+
+def export_hf(source_path, out_dir, *, dtype: str = "float32", step: int | None = None,
+              max_shard_bytes: int = hf_io.DEFAULT_MAX_SHARD_BYTES) -> ExportStats:
+  """Writes `out_dir` (refused if it exists and is not empty) from the checkpoint `source_path` names.
+
+  Every process of a multi-process run calls this together; each writes its share of the files.
+  """
+  started = time.perf_counter()
+  np_dtype = hf_io.check_save_options(dtype, max_shard_bytes)
+  source = resolve(source_path, step)
+  out_dir = storage.local_absolute(out_dir)
+  refuse_non_empty(out_dir)
+  arrays = _ArrayReader(source)
+  shards = hf_io.plan_shards(hf_io.TENSOR_MAPS[type(source.config)](source.config), np_dtype.itemsize,
+                             max_shard_bytes)
+  # One partial directory for all processes: its name must not depend on a process's random state. A
+  # bucket has no rename: there the files go in place, config.json last, and a failure removes them.
+  in_place = storage.is_url(out_dir)
+  partial = out_dir if in_place else out_dir.parent / f".{out_dir.name}.partial"
+  index, count = jax.process_index(), jax.process_count()
+  mine = [name for i, name in enumerate(shards) if i % count == index]
+  written, largest = 0, 0
+
+  def tensor(m: TensorMap) -> np.ndarray:
+    nonlocal written, largest
+    value = arrays.slot(m)
+    written += value.size * np_dtype.itemsize
+    largest = max(largest, value.nbytes)
+    return m.to_hf(value)
+
+  try:
+    if index == 0 and not in_place:
+      partial.rmtree(missing_ok=True)  # an earlier export that died
+      partial.mkdir(parents=True)
+    _barrier("export: directory made")
+    for name in mine:
+      hf_io._write_shard(partial / name, shards[name], tensor, np_dtype)
+    _barrier("export: shards written")
+    if index == 0:
+      hf_io.write_metadata(partial, source.config, shards, dtype)
+      if not in_place:
+        if out_dir.exists():
+          out_dir.rmdir()  # empty, checked above
+        partial.rename(out_dir)
+    _barrier("export: done")
+  except BaseException:
+    if index == 0:
+      partial.rmtree(missing_ok=True)
+    raise
+  return ExportStats(tuple(mine), written, largest, time.perf_counter() - started)
+
+
+class _ArrayReader:
+  """The checkpoint's parameter arrays, opened once each, read one slot at a time."""
+
+  def __init__(self, source: Source):
+    self.source = source
+    try:
+      tree = ocp.StandardCheckpointHandler().metadata(source.item_dir).tree
+    except (FileNotFoundError, ValueError, OSError) as e:
+      raise ConversionError(f"{source.item_dir}: cannot read the checkpoint's metadata ({_short(e)})") from e
+    for key in source.params_key:
+      tree = tree[key]
+    self.tree = tree
+    self.open: dict[tuple, ts.TensorStore] = {}
+    directory = source.item_dir
+    self.kvstore = {"driver": "ocdbt", "base": str(directory) if storage.is_url(directory) else f"file://{directory}"}
+    self.driver = "zarr3" if hf_io.read_json(storage.as_path(directory) / "_METADATA").get("use_zarr3") else "zarr"
+
+  def slot(self, m: TensorMap) -> np.ndarray:
+    if m.path not in self.open:  # handles only: the data is read slot by slot
+      self.open[m.path] = self._open(m.path)
+    array = self.open[m.path]
+    try:
+      return array[m.index].read().result() if m.index else array.read().result()
+    except Exception as e:  # tensorstore raises ValueError/RuntimeError with the store's message
+      raise ConversionError(f"{self.source.item_dir}: parameter {'.'.join(map(str, m.path))} cannot be read "
+                            f"({_short(e)})") from e
+
+  def _open(self, path: tuple) -> ts.TensorStore:
+    node = self.tree
+    for key in path:
+      node = node.get(str(key)) if isinstance(node, dict) else None
+      if node is None:
+        raise ConversionError(f"{self.source.item_dir} has no parameter {'.'.join(map(str, path))}")
+    if isinstance(node, dict):  # an nnx.Variable in a train state: its value
+      node = node.get("value")
+    return ts.open({"driver": self.driver, "kvstore": self.kvstore, "path": node.name}, open=True).result()
+
+
+def _short(error: Exception) -> str:
+  """tensorstore's message without the full JSON spec it appends."""
+  return str(error).split(" [tensorstore_spec=")[0]
+
+
+def _barrier(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices(name)
