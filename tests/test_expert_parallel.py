@@ -31,10 +31,11 @@ def loss(layer, x):
 
 want_loss, want_grads = nnx.value_and_grad(loss, argnums=(0, 1))(layer, x)
 mesh = sharding.make_mesh(MeshConfig(**mesh_sizes))
-sharding.plan_expert_parallelism(layer, mesh, rules)
-parallel = layer.experts.parallel
+parallel = sharding.parallelism(config, mesh, rules).experts
 assert parallel is not None and parallel.expert_axes == ("expert",), parallel
-graphdef, state = nnx.split(layer)
+split_layer = moe.DeepseekMoE(config, rngs=nnx.Rngs(0), parallel=parallel)  # the same initial parameters
+assert split_layer.experts.parallel is parallel
+graphdef, state = nnx.split(split_layer)
 state = jax.device_put(state, sharding.param_shardings(state, mesh, rules))
 x_sharded = jax.device_put(x, NamedSharding(mesh, PartitionSpec(sharding.batch_axes(mesh, rules))))
 got_loss, got_grads = jax.jit(jax.value_and_grad(lambda s, x: loss(nnx.merge(graphdef, s), x), argnums=(0, 1)))(

@@ -233,8 +233,7 @@ def test_stacked_parameters_have_a_leading_layers_axis(preset, overrides, runs):
 def test_scanned_layers_equal_a_loop_over_each_layer(preset, overrides, remat):
   """The scan over stacked blocks computes what applying each layer's own block in turn computes."""
   config = presets.get(preset, num_hidden_layers=5, **overrides)
-  model = models.build(config)
-  model.remat = remat
+  model = models.build(config, parallelism=models.Parallelism(remat=remat))
   ids_BxS = _ids()
   segment_ids_BxS = jnp.array([[1] * 5 + [2] * 7, [1] * 12])
   positions_BxS = jnp.broadcast_to(jnp.arange(12), (2, 12))

@@ -7,20 +7,21 @@ from flax import nnx
 from pretrain.models.causal_lm import CausalLM
 from pretrain.models.config import DeepseekV2Config, ModelConfig, Qwen2Config, RopeScaling, parse_model_config
 from pretrain.models.deepseek_v2 import DeepseekV2Model
+from pretrain.models.parallelism import ONE_DEVICE, Parallelism
 from pretrain.models.qwen2 import Qwen2Model
 
 MODEL_CLASSES = {Qwen2Config: Qwen2Model, DeepseekV2Config: DeepseekV2Model}
 
 
-def build(config: ModelConfig, seed: int = 0) -> CausalLM:
-  """A randomly initialised model (float32 parameters)."""
-  return MODEL_CLASSES[type(config)](config, rngs=nnx.Rngs(seed))
+def build(config: ModelConfig, seed: int = 0, *, parallelism: Parallelism = ONE_DEVICE) -> CausalLM:
+  """A randomly initialised model (float32 parameters), laid out on the devices as `parallelism` says."""
+  return MODEL_CLASSES[type(config)](config, parallelism=parallelism, rngs=nnx.Rngs(seed))
 
 
-def build_abstract(config: ModelConfig) -> CausalLM:
+def build_abstract(config: ModelConfig, *, parallelism: Parallelism = ONE_DEVICE) -> CausalLM:
   """The model with ShapeDtypeStruct leaves: shapes and axis names, no memory."""
-  return nnx.eval_shape(lambda: build(config))
+  return nnx.eval_shape(lambda: build(config, parallelism=parallelism))
 
 
 __all__ = ["CausalLM", "DeepseekV2Config", "DeepseekV2Model", "ModelConfig", "Qwen2Config", "Qwen2Model",
-           "RopeScaling", "build", "build_abstract", "parse_model_config"]
+           "Parallelism", "RopeScaling", "build", "build_abstract", "parse_model_config"]

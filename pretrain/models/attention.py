@@ -7,8 +7,8 @@
 - `cudnn` (cudnn_attention.py): cuDNN's fused flash attention on NVIDIA GPUs (bfloat16/float16).
 - `reference`, below: the [S, T] scores in full; for tests and short CPU runs.
 - `auto`: splash on TPU, cuDNN on a GPU where it supports the operands, else blockwise.
-With the sequence split over the `context` mesh axis (the layer's `context_parallel`, set
-by the trainer), it is ring attention over the split (context_parallel.py), whatever the
+With the sequence split over the `context` mesh axis (the layer's `context_parallel`, from the
+model's `Parallelism`), it is ring attention over the split (context_parallel.py), whatever the
 implementation.
 
 The reference path materialises the [S, T] score matrix per head, so its memory is

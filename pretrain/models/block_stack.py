@@ -42,15 +42,15 @@ def stack_slot(config, layer: int) -> tuple[int, int]:
 
 
 class BlockStack(nnx.Module):
-  """Layers first_layer .. first_layer + count - 1, all built by `block_cls(config, first_layer)`."""
+  """Layers first_layer .. first_layer + count - 1, each built by `block_cls(config, layer, parallelism)`."""
 
-  def __init__(self, config, block_cls, first_layer: int, count: int, *, rngs: nnx.Rngs):
+  def __init__(self, config, block_cls, first_layer: int, count: int, parallelism, *, rngs: nnx.Rngs):
     self.first_layer = first_layer
     self.count = count
 
     # Built one by one and stacked, rather than under nnx.vmap: the same random init as unstacked
     # blocks, and eagerly no slower (vmap would dispatch, and compile, each initialiser op anew).
-    blocks = [block_cls(config, first_layer + slot, rngs=rngs) for slot in range(count)]
+    blocks = [block_cls(config, first_layer + slot, parallelism, rngs=rngs) for slot in range(count)]
     graphdef, _ = nnx.split(blocks[0])
     state = jax.tree.map(lambda *values: jnp.stack(values), *(nnx.split(block)[1] for block in blocks))
     # `layers` in front of every parameter's logical axes: the trainer's axis rules place that axis too.

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from pretrain.models import block_stack, layers
+from pretrain.models.parallelism import Parallelism
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 # With no rematerialisation a scanned block still goes through jax.checkpoint: a scan saves every
@@ -49,14 +50,14 @@ class CausalLM(nnx.Module):
   norm: layers.RMSNorm
   lm_head: nnx.Param | None
 
-  def init_trunk(self, config, block_cls, *, rngs: nnx.Rngs):
+  def init_trunk(self, config, block_cls, parallelism: Parallelism, *, rngs: nnx.Rngs):
     self.config = config
-    self.remat = "none"  # set by the trainer (TrainConfig.remat): a key of REMAT_POLICIES
-    self.activation_sharding = None  # set by the trainer: where [B, S, D] hidden states live between blocks
+    self.remat = parallelism.remat  # a key of REMAT_POLICIES
+    self.activation_sharding = parallelism.activation_sharding  # [B, S, D] hidden states between blocks
     self.dtype = DTYPES[config.dtype]
     std = config.initializer_range
     self.embed_tokens = layers.Embedding(config.vocab_size, config.hidden_size, std, rngs=rngs)
-    self.layers = nnx.List([block_stack.BlockStack(config, block_cls, first, count, rngs=rngs)
+    self.layers = nnx.List([block_stack.BlockStack(config, block_cls, first, count, parallelism, rngs=rngs)
                             for first, count in block_stack.runs(config)])
     self.norm = layers.RMSNorm(config.hidden_size, config.rms_norm_eps, rngs=rngs)
     self.lm_head = (None if config.tie_word_embeddings else

@@ -15,6 +15,7 @@ from pretrain.models import attention, layers, moe, rope
 from pretrain.models.causal_lm import CausalLM
 from pretrain.models.config import DeepseekV2Config
 from pretrain.models.context_parallel import ContextParallel
+from pretrain.models.parallelism import Parallelism
 
 
 # DeepSeek's code (and transformers) build the q/kv latent norms with the RMSNorm default eps,
@@ -23,7 +24,7 @@ LATENT_NORM_EPS = 1e-6
 
 
 class MLAttention(nnx.Module):
-  def __init__(self, config: DeepseekV2Config, *, rngs: nnx.Rngs):
+  def __init__(self, config: DeepseekV2Config, *, rngs: nnx.Rngs, context_parallel: ContextParallel | None = None):
     self.config = config
     d, n, std = config.hidden_size, config.num_attention_heads, config.initializer_range
     qk, nope, rope_dim = config.qk_head_dim, config.qk_nope_head_dim, config.qk_rope_head_dim
@@ -38,7 +39,7 @@ class MLAttention(nnx.Module):
     self.kv_b_proj = layers.param(rngs, (config.kv_lora_rank, n, nope + config.v_head_dim),
                                   ("kv_lora", "heads", "head_dim"), std)
     self.o_proj = layers.param(rngs, (n, config.v_head_dim, d), ("heads", "head_dim", "embed"), std)
-    self.context_parallel: ContextParallel | None = None  # set by the trainer: how the mesh splits attention
+    self.context_parallel = context_parallel  # how the mesh splits attention (None: one device)
 
   def __call__(self, x_BxSxD, positions_BxS, segment_ids_BxS):
     c = self.config
@@ -71,12 +72,12 @@ class MLAttention(nnx.Module):
 
 
 class DeepseekV2Block(nnx.Module):
-  def __init__(self, config: DeepseekV2Config, layer: int, *, rngs: nnx.Rngs):
+  def __init__(self, config: DeepseekV2Config, layer: int, parallelism: Parallelism, *, rngs: nnx.Rngs):
     self.input_layernorm = layers.RMSNorm(config.hidden_size, config.rms_norm_eps, rngs=rngs)
-    self.self_attn = MLAttention(config, rngs=rngs)
+    self.self_attn = MLAttention(config, rngs=rngs, context_parallel=parallelism.attention)
     self.post_attention_layernorm = layers.RMSNorm(config.hidden_size, config.rms_norm_eps, rngs=rngs)
     if config.is_moe_layer(layer):
-      self.mlp = moe.DeepseekMoE(config, rngs=rngs)
+      self.mlp = moe.DeepseekMoE(config, rngs=rngs, parallel=parallelism.experts)
     else:
       self.mlp = layers.SwiGLU(config.hidden_size, config.intermediate_size, config.initializer_range, rngs=rngs)
 
@@ -91,5 +92,5 @@ class DeepseekV2Block(nnx.Module):
 
 
 class DeepseekV2Model(CausalLM):
-  def __init__(self, config: DeepseekV2Config, *, rngs: nnx.Rngs):
-    self.init_trunk(config, DeepseekV2Block, rngs=rngs)
+  def __init__(self, config: DeepseekV2Config, *, parallelism: Parallelism, rngs: nnx.Rngs):
+    self.init_trunk(config, DeepseekV2Block, parallelism, rngs=rngs)

@@ -10,7 +10,8 @@ from. This is the all-gather / reduce-scatter form of the token exchange (MaxTex
 no capacity factor. Each expert's hidden dimension may be split too (`mlp_axes`,
 tensor parallelism inside the experts; partial sums added by a psum).
 
-The trainer sets `RoutedExperts.parallel` from the mesh and the axis rules; without
+`sharding.expert_parallelism` makes it from the mesh and the axis rules, and `models.build`
+gives it to every `RoutedExperts` (models/parallelism.py); without
 it (one device, tests, conversion) the layer runs the same computation unsplit.
 """
 

@@ -51,15 +51,18 @@ def balance_loss(scores_BxSxE: jnp.ndarray, experts_BxSxK: jnp.ndarray, config: 
   return config.aux_loss_alpha * (f_E * p_E).sum()
 
 
+ROUTED_EXPERT_AXES = ("expert", "embed", "mlp")  # gate and up projections [E, D, F]; sharding.py splits by them
+
+
 class RoutedExperts(nnx.Module):
   """E SwiGLU experts stored as stacked [E, ...] weights and run with grouped matmuls."""
 
   def __init__(self, num_experts: int, dim: int, hidden: int, std: float, implementation: str, *,
-               rngs: nnx.Rngs):
+               rngs: nnx.Rngs, parallel: expert_parallel.ExpertParallel | None = None):
     self.implementation = implementation
-    self.parallel: expert_parallel.ExpertParallel | None = None  # set by the trainer for its mesh
-    self.gate_proj = layers.param(rngs, (num_experts, dim, hidden), ("expert", "embed", "mlp"), std)
-    self.up_proj = layers.param(rngs, (num_experts, dim, hidden), ("expert", "embed", "mlp"), std)
+    self.parallel = parallel  # how the experts are split over the mesh (None: all here)
+    self.gate_proj = layers.param(rngs, (num_experts, dim, hidden), ROUTED_EXPERT_AXES, std)
+    self.up_proj = layers.param(rngs, (num_experts, dim, hidden), ROUTED_EXPERT_AXES, std)
     self.down_proj = layers.param(rngs, (num_experts, hidden, dim), ("expert", "mlp", "embed"), std)
 
   def __call__(self, x_TxD: jnp.ndarray, weights_TxK: jnp.ndarray, experts_TxK: jnp.ndarray) -> jnp.ndarray:
@@ -71,12 +74,13 @@ class RoutedExperts(nnx.Module):
 
 
 class DeepseekMoE(nnx.Module):
-  def __init__(self, config: DeepseekV2Config, *, rngs: nnx.Rngs):
+  def __init__(self, config: DeepseekV2Config, *, rngs: nnx.Rngs,
+               parallel: expert_parallel.ExpertParallel | None = None):
     self.config = config
     d, std = config.hidden_size, config.initializer_range
     self.gate = layers.param(rngs, (d, config.n_routed_experts), ("embed", "expert"), std)
     self.experts = RoutedExperts(config.n_routed_experts, d, config.moe_intermediate_size, std,
-                                 config.moe_implementation, rngs=rngs)
+                                 config.moe_implementation, rngs=rngs, parallel=parallel)
     self.shared_experts = (
         layers.SwiGLU(d, config.moe_intermediate_size * config.n_shared_experts, std, rngs=rngs)
         if config.n_shared_experts else None)

@@ -8,10 +8,11 @@ from pretrain.models import attention, layers, rope
 from pretrain.models.causal_lm import CausalLM
 from pretrain.models.config import Qwen2Config
 from pretrain.models.context_parallel import ContextParallel
+from pretrain.models.parallelism import Parallelism
 
 
 class Qwen2Attention(nnx.Module):
-  def __init__(self, config: Qwen2Config, *, rngs: nnx.Rngs):
+  def __init__(self, config: Qwen2Config, *, rngs: nnx.Rngs, context_parallel: ContextParallel | None = None):
     d, n, m, h = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim
     std = config.initializer_range
     self.q_proj = layers.param(rngs, (d, n, h), ("embed", "heads", "head_dim"), std)
@@ -22,7 +23,7 @@ class Qwen2Attention(nnx.Module):
     self.v_bias = layers.zeros((m, h), ("kv_heads", "head_dim"))
     self.o_proj = layers.param(rngs, (n, h, d), ("heads", "head_dim", "embed"), std)
     self.config = config
-    self.context_parallel: ContextParallel | None = None  # set by the trainer: how the mesh splits attention
+    self.context_parallel = context_parallel  # how the mesh splits attention (None: one device)
 
   def __call__(self, x_BxSxD, positions_BxS, segment_ids_BxS):
     dtype = x_BxSxD.dtype
@@ -41,10 +42,10 @@ class Qwen2Attention(nnx.Module):
 
 
 class Qwen2Block(nnx.Module):
-  def __init__(self, config: Qwen2Config, layer: int, *, rngs: nnx.Rngs):
+  def __init__(self, config: Qwen2Config, layer: int, parallelism: Parallelism, *, rngs: nnx.Rngs):
     del layer  # every Qwen2 block is the same
     self.input_layernorm = layers.RMSNorm(config.hidden_size, config.rms_norm_eps, rngs=rngs)
-    self.self_attn = Qwen2Attention(config, rngs=rngs)
+    self.self_attn = Qwen2Attention(config, rngs=rngs, context_parallel=parallelism.attention)
     self.post_attention_layernorm = layers.RMSNorm(config.hidden_size, config.rms_norm_eps, rngs=rngs)
     self.mlp = layers.SwiGLU(config.hidden_size, config.intermediate_size, config.initializer_range, rngs=rngs)
 
@@ -55,5 +56,5 @@ class Qwen2Block(nnx.Module):
 
 
 class Qwen2Model(CausalLM):
-  def __init__(self, config: Qwen2Config, *, rngs: nnx.Rngs):
-    self.init_trunk(config, Qwen2Block, rngs=rngs)
+  def __init__(self, config: Qwen2Config, *, parallelism: Parallelism, rngs: nnx.Rngs):
+    self.init_trunk(config, Qwen2Block, parallelism, rngs=rngs)

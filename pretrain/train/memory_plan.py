@@ -339,7 +339,7 @@ def _local(experiment: ExperimentConfig, mesh: dict[str, int], accel: Accelerato
   if isinstance(model, DeepseekV2Config):
     shared = model.moe_intermediate_size * model.n_shared_experts
     shared_mlp = shared // _ways("mlp", shared, mesh, rules, taken) if shared else 0
-    # The routed experts' split, exactly as sharding.plan_expert_parallelism reads it.
+    # The routed experts' split, exactly as sharding.expert_parallelism reads it.
     gate = _Param(None, (model.n_routed_experts, model.hidden_size, model.moe_intermediate_size),
                   ("expert", "embed", "mlp"))
     expert_spec, _, mlp_spec = sharding.spec_for(gate.axes, gate.shape, fake, rules)

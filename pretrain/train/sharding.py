@@ -4,8 +4,9 @@ Models name their parameter axes logically (vocab, embed, heads, mlp, expert, ..
 `TrainConfig.axis_rules` maps each logical name to mesh axes. A dimension whose size
 the mesh axes do not divide is replicated instead (a tiny vocab over 8 devices, say),
 so one table serves every model size. Batch arrays are split by the `batch` rule (rows)
-and `sequence` rule (the tokens of a row: context parallelism); the `plan_*` functions
-tell the layers that compute across devices (routed experts, attention) how.
+and `sequence` rule (the tokens of a row: context parallelism); `parallelism` says how the
+layers that compute across devices (routed experts, attention) split their work, in the
+plan `models.build` gives each of them.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from pretrain.models import context_parallel, expert_parallel, moe
+from pretrain.models.parallelism import Parallelism
 from pretrain.schema import ConfigError
 from pretrain.train.config import MeshConfig
 
@@ -98,54 +100,47 @@ def batch_sharding(mesh: Mesh, rules: AxisRules, ndim: int) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec(*spec))
 
 
-def plan_model(model: nnx.Module, mesh: Mesh, rules: AxisRules) -> None:
-  """Tells the model how the mesh splits its work: routed experts, attention, and the residual stream."""
-  plan_expert_parallelism(model, mesh, rules)
-  plan_context_parallelism(model, mesh, rules)
-  plan_activation_sharding(model, mesh, rules)
+def parallelism(model, mesh: Mesh, rules: AxisRules, remat: str = "none") -> Parallelism:
+  """How this mesh and these rules split the work of `model` (a model config), for `models.build`."""
+  if mesh.size == 1:
+    return Parallelism(remat=remat)
+  return Parallelism(remat=remat, activation_sharding=activation_sharding(mesh, rules),
+                     attention=attention_parallelism(mesh, rules), experts=expert_parallelism(model, mesh, rules))
 
 
-def plan_activation_sharding(model: nnx.Module, mesh: Mesh, rules: AxisRules) -> None:
-  """Pins the [B, S, D] hidden states between blocks to the batch's layout (rows over the batch axes,
+def activation_sharding(mesh: Mesh, rules: AxisRules) -> NamedSharding:
+  """The [B, S, D] hidden states between blocks, pinned to the batch's layout (rows over the batch axes,
   tokens over the sequence axes, D whole). Left to itself, XLA propagates the fsdp-split weights'
   layout into the activations and then copies whole MLP intermediates and logits onto every device."""
-  for _, module in nnx.iter_modules(model):
-    if hasattr(module, "activation_sharding"):
-      module.activation_sharding = batch_sharding(mesh, rules, 3) if mesh.size > 1 else None
+  return batch_sharding(mesh, rules, 3)
 
 
-def plan_context_parallelism(model: nnx.Module, mesh: Mesh, rules: AxisRules) -> None:
-  """Tells each attention layer how the mesh splits its operands (`context_parallel`; None on one device).
+def attention_parallelism(mesh: Mesh, rules: AxisRules) -> context_parallel.ContextParallel:
+  """How the mesh splits attention's operands.
 
   Where the rules split the sequence, attention is ring attention and the trainer feeds rows
   in zigzag order (context_parallel.to_zigzag); otherwise a kernel that cannot be partitioned
   automatically (splash) runs in a shard_map over the batch and head axes.
   """
-  parallel = None
-  if mesh.size > 1:
-    seq = sequence_axes(mesh, rules)
-    heads = tuple(a for a in _rule(rules, "heads")
-                  if a in mesh.shape and mesh.shape[a] > 1 and a not in seq + batch_axes(mesh, rules))
-    parallel = context_parallel.ContextParallel(mesh, batch_axes(mesh, rules), seq, heads)
-  for _, module in nnx.iter_modules(model):
-    if hasattr(module, "context_parallel"):  # the attention layers of every model family
-      module.context_parallel = parallel
+  seq = sequence_axes(mesh, rules)
+  heads = tuple(a for a in _rule(rules, "heads")
+                if a in mesh.shape and mesh.shape[a] > 1 and a not in seq + batch_axes(mesh, rules))
+  return context_parallel.ContextParallel(mesh, batch_axes(mesh, rules), seq, heads)
 
 
-def plan_expert_parallelism(model: nnx.Module, mesh: Mesh, rules: AxisRules) -> None:
-  """Sets each routed-expert layer's `parallel` where the rules split its experts over the mesh."""
+def expert_parallelism(model, mesh: Mesh, rules: AxisRules) -> expert_parallel.ExpertParallel | None:
+  """How the rules split the routed experts [E, D, F] over the mesh; None without routed experts or a split."""
+  experts = getattr(model, "n_routed_experts", 0)
+  if not experts:
+    return None
   # The MoE layer flattens [B, S] to tokens B-major, so with a split sequence its tokens are split
   # over the batch axes, then the sequence axes.
   tokens = batch_axes(mesh, rules) + sequence_axes(mesh, rules)
-  for _, module in nnx.iter_modules(model):
-    if not isinstance(module, moe.RoutedExperts):
-      continue
-    gate = module.gate_proj
-    # [layers, E, D, F] in a scanned stack: the scan hands each layer its [E, D, F] slice.
-    expert_spec, _, mlp_spec = spec_for(gate.get_metadata()["out_sharding"], gate.shape, mesh, rules)[-3:]
-    expert_axes = _axes(expert_spec)
-    mlp_axes = tuple(a for a in _axes(mlp_spec) if a not in tokens)
-    module.parallel = expert_parallel.ExpertParallel(mesh, tokens, expert_axes, mlp_axes) if expert_axes else None
+  shape = (experts, model.hidden_size, model.moe_intermediate_size)
+  expert_spec, _, mlp_spec = spec_for(moe.ROUTED_EXPERT_AXES, shape, mesh, rules)
+  expert_axes = _axes(expert_spec)
+  mlp_axes = tuple(a for a in _axes(mlp_spec) if a not in tokens)
+  return expert_parallel.ExpertParallel(mesh, tokens, expert_axes, mlp_axes) if expert_axes else None
 
 
 def _rule(rules: AxisRules, name: str) -> tuple[str, ...]:

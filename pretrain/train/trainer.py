@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import pathlib
 import signal
 import time
 from typing import Any
@@ -150,9 +149,8 @@ class StepPlan:
 
 def plan_step(experiment: ExperimentConfig, mesh) -> StepPlan:
   cfg = experiment.train
-  abstract_model = models.build_abstract(experiment.model)
-  abstract_model.remat = cfg.remat
-  sharding.plan_model(abstract_model, mesh, cfg.axis_rules)
+  parallelism = sharding.parallelism(experiment.model, mesh, cfg.axis_rules, cfg.remat)
+  abstract_model = models.build_abstract(experiment.model, parallelism=parallelism)
   graphdef, abstract_params = nnx.split(abstract_model)
   param_shardings = sharding.param_shardings(abstract_params, mesh, cfg.axis_rules)
   tx = optimizer.make_optimizer(cfg.optimizer, cfg.steps, abstract_params)
