@@ -30,9 +30,10 @@ from pretrain.convert import hf_io, orbax_io
 from pretrain.convert.errors import ConversionError
 from pretrain.convert.output_dir import refuse_non_empty
 from pretrain.convert.tensor_map import TensorMap
+from pretrain.train import workdir
 
-CHECKPOINTS_DIR, STATE_ITEM, EXPERIMENT_FILE, STAGES_DIR, STAGE_DONE = (
-    "checkpoints", "state", "experiment.json", "stages", "STAGE_DONE")
+STATE_ITEM = "state"  # the train state's item in a checkpoint step (train/checkpoint.py)
+CHECKPOINTS_DIR, EXPERIMENT_FILE, STAGES_DIR = workdir.CHECKPOINTS_DIR, workdir.EXPERIMENT_FILE, workdir.STAGES_DIR
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,16 +62,13 @@ def resolve(path, step: int | None = None) -> Source:
       raise ConversionError(f"{path} is a model checkpoint without steps; drop --step")
     return Source(orbax_io.read_config(path), path / orbax_io.PARAMS_DIR, (), None)
   if not (path / CHECKPOINTS_DIR).is_dir() and (path / STAGES_DIR).is_dir():
-    finished = sorted((d for d in (path / STAGES_DIR).iterdir() if (d / STAGE_DONE).exists()),
-                      key=lambda d: int(d.name.partition("-")[0]) if d.name.partition("-")[0].isdigit() else -1)
-    if not finished:
-      raise ConversionError(f"{path / STAGES_DIR} holds no finished stage; name a stage's directory")
-    path = finished[-1]
+    root, path = path, workdir.latest_finished_stage(path)
+    if path is None:
+      raise ConversionError(f"{root / STAGES_DIR} holds no finished stage; name a stage's directory")
   if not (path / CHECKPOINTS_DIR).is_dir():
     raise ConversionError(f"{path} is neither a model checkpoint ({orbax_io.CONFIG_FILE}), a training work directory "
                           f"({CHECKPOINTS_DIR}/) nor a staged recipe's ({STAGES_DIR}/)")
-  steps = sorted(int(p.name) for p in (path / CHECKPOINTS_DIR).iterdir()
-                 if p.name.isdigit() and ocp.step.is_checkpoint_finalized(p))
+  steps = workdir.complete_steps(path)
   if not steps:
     raise ConversionError(f"{path / CHECKPOINTS_DIR} holds no complete checkpoint")
   if step is not None and step not in steps:

@@ -35,7 +35,7 @@ from pretrain.data.config import SpecialTokens
 from pretrain.data.mixture import Mixture
 from pretrain.data.tokenizer import Tokenizer, load_tokenizer
 from pretrain.schema import ConfigError
-from pretrain.train import checkpoint, stages, trainer
+from pretrain.train import checkpoint, trainer, workdir
 
 Kind = Literal["huggingface", "orbax", "workdir"]
 KEY = "--checkpoint"
@@ -72,8 +72,12 @@ def resolve(checkpoint_path: str, tokenizer: str | None = None) -> Source:
     config = models.parse_model_config(_read_json(path / convert.orbax_io.CONFIG_FILE),
                                        key=str(path / convert.orbax_io.CONFIG_FILE))
     return _with_tokenizer(checkpoint_path, path, "orbax", config, tokenizer)
-  if not (path / checkpoint.CHECKPOINTS_DIR).is_dir() and (path / "stages").is_dir():
-    path = _latest_finished_stage(path)
+  if not (path / checkpoint.CHECKPOINTS_DIR).is_dir() and (path / workdir.STAGES_DIR).is_dir():
+    root, path = path, workdir.latest_finished_stage(path)
+    if path is None:
+      raise ConfigError(KEY, f"{root / workdir.STAGES_DIR} holds no finished stage; name a stage's directory "
+                        "(stages/<i>-<name>) to evaluate its latest checkpoint")
+    path = pathlib.Path(path)
   if (path / checkpoint.CHECKPOINTS_DIR).is_dir():
     return _workdir_source(checkpoint_path, path, tokenizer)
   raise ConfigError(KEY, f"{path} is neither a Hugging Face directory (config.json), an Orbax model checkpoint "
@@ -137,7 +141,7 @@ def _workdir_source(given: str, path: pathlib.Path, tokenizer: str | None) -> So
   if not tokenizer_path.exists():
     where = "" if tokenizer else f" (the run's data.tokenizer, from {experiment_file}; give --tokenizer)"
     raise ConfigError("--tokenizer", f"{tokenizer_path} does not exist{where}")
-  step = max(int(p.name) for p in (path / checkpoint.CHECKPOINTS_DIR).iterdir() if p.name.isdigit())
+  step = workdir.complete_steps(path)[-1]
   return Source(given, path, "workdir", config, tokenizer_path, special_tokens, step)
 
 
@@ -171,18 +175,6 @@ def _special_tokens(path: pathlib.Path) -> SpecialTokens:
 
   eos = content("eos_token") or SpecialTokens.eos
   return dataclasses.replace(SpecialTokens(), bos=content("bos_token") or eos, eos=eos, pad=content("pad_token") or eos)
-
-
-def _latest_finished_stage(root: pathlib.Path) -> pathlib.Path:
-  def index(stage_dir: pathlib.Path) -> int:
-    number = stage_dir.name.partition("-")[0]
-    return int(number) if number.isdigit() else -1
-
-  finished = [d for d in (root / "stages").iterdir() if index(d) >= 0 and (d / stages.DONE_FILE).exists()]
-  if not finished:
-    raise ConfigError(KEY, f"{root / 'stages'} holds no finished stage; name a stage's directory "
-                      "(stages/<i>-<name>) to evaluate its latest checkpoint")
-  return max(finished, key=index)
 
 
 def _read_json(file: pathlib.Path) -> dict:

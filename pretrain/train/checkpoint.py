@@ -25,9 +25,10 @@ from pretrain import storage
 from pretrain.convert import hf_import, orbax_io
 from pretrain.convert.errors import ConversionError
 from pretrain.schema import ConfigError
+from pretrain.train import workdir as workdir_layout
 from pretrain.train.config import TrainConfig
 
-CHECKPOINTS_DIR = "checkpoints"
+CHECKPOINTS_DIR = workdir_layout.CHECKPOINTS_DIR
 
 
 class Checkpoints:
@@ -70,11 +71,8 @@ class Checkpoints:
 
 
 def has_checkpoints(workdir) -> bool:
-  """Whether `workdir` holds a complete checkpoint. Orbax renames a local step directory to its number
-  when done; on a bucket (no rename) it writes the step in place and a commit_success.txt file last."""
-  directory = storage.as_path(workdir) / CHECKPOINTS_DIR
-  return directory.is_dir() and any(p.name.isdigit() and ocp.step.is_checkpoint_finalized(p)
-                                    for p in directory.iterdir())
+  """Whether `workdir` holds a complete checkpoint (workdir.complete_steps)."""
+  return bool(workdir_layout.complete_steps(workdir))
 
 
 def load_init_params(path: str, abstract_params: nnx.State, *, read_window_bytes: int,

@@ -22,8 +22,9 @@ from pretrain.atomic_file import atomic_file
 from pretrain.config import ExperimentConfig
 from pretrain.schema import ConfigError
 from pretrain.train import distributed, trainer
+from pretrain.train import workdir as workdir_layout
 
-DONE_FILE = "STAGE_DONE"
+DONE_FILE = workdir_layout.DONE_FILE
 
 
 def stage_experiments(experiment: ExperimentConfig) -> list[tuple[epath.Path, ExperimentConfig]]:
@@ -34,7 +35,7 @@ def stage_experiments(experiment: ExperimentConfig) -> list[tuple[epath.Path, Ex
   root = storage.as_path(train.workdir)
   out, previous = [], None
   for i, stage in enumerate(experiment.stages):
-    workdir = root / "stages" / f"{i}-{stage.name}"
+    workdir = root / workdir_layout.STAGES_DIR / f"{i}-{stage.name}"
     stage_model = model if stage.rope_scaling is None else with_rope_scaling(model, stage.rope_scaling)
     seq_len = stage.seq_len or data.seq_len
     if seq_len > stage_model.max_position_embeddings:

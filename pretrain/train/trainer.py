@@ -34,10 +34,11 @@ from pretrain.data import global_batch, pipeline, workspace
 from pretrain.models import attention, causal_lm, context_parallel
 from pretrain.schema import ConfigError
 from pretrain.train import checkpoint, distributed, flops, metrics, optimizer, sharding, step
+from pretrain.train import workdir as workdir_layout
 from pretrain.train.config import TrainConfig
 
-EXPERIMENT_FILE = "experiment.json"
-EXPORT_DIR = "hf"  # <workdir>/hf/<step>: Hugging Face exports (config.train.export_hf)
+EXPERIMENT_FILE = workdir_layout.EXPERIMENT_FILE
+EXPORT_DIR = workdir_layout.EXPORT_DIR  # <workdir>/hf/<step>: Hugging Face exports (config.train.export_hf)
 
 
 class BadStepsError(RuntimeError):
