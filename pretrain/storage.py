@@ -29,6 +29,7 @@ import fsspec
 import fsspec.config
 from etils import epath
 
+from pretrain.data.config import cache_dir
 from pretrain.schema import ConfigError
 
 URL_SCHEMES = ("gs://", "s3://")
@@ -79,8 +80,7 @@ def check_bucket(path: str | os.PathLike, key: str, *, schemes: tuple[str, ...] 
 def cache_path(url: str | os.PathLike) -> pathlib.Path:
   """Where `download` keeps its copy of `url`: $PRETRAIN_CACHE/objects/<scheme>/<bucket>/<key>."""
   parsed = parse.urlparse(str(url))
-  cache = pathlib.Path(os.environ.get("PRETRAIN_CACHE", "~/.cache/pretrain")).expanduser()
-  return cache / "objects" / parsed.scheme / parsed.netloc / parsed.path.strip("/")
+  return cache_dir() / "objects" / parsed.scheme / parsed.netloc / parsed.path.strip("/")
 
 
 def download(url: str | os.PathLike, key: str) -> pathlib.Path:
