@@ -243,14 +243,15 @@ def _add_eval_parser(sub) -> None:
 
 def cmd_plan(args: argparse.Namespace, config_flags: list[str]) -> None:
   from pretrain import config as config_lib
-  from pretrain.train import memory_plan, mesh_search
+  from pretrain.plan import accelerators, memory, mesh_search
+  from pretrain.train import sharding
 
   _, experiment = config_lib.load(config_flags)
-  accel = memory_plan.accelerator(args.accelerator)
+  accel = accelerators.accelerator(args.accelerator)
   if args.devices is not None and args.devices < 1:
     raise ConfigError("--devices", f"must be >= 1, got {args.devices}")
   if args.xla:  # the real step compiled on this process's devices, beside the estimate for them
-    results = [(name, *memory_plan.compare_with_xla(stage)) for name, stage in memory_plan.stages(experiment)]
+    results = [(name, *memory.compare_with_xla(stage)) for name, stage in memory.stages(experiment)]
     if args.json:
       print(json.dumps([dict(p.to_dict(), stage=name, xla_total=xla) for name, p, xla in results], indent=2))
       return
@@ -258,23 +259,23 @@ def cmd_plan(args: argparse.Namespace, config_flags: list[str]) -> None:
       print(f"{name or 'step'}: estimate {p.total / 2**20:,.1f} MiB per device, XLA {xla / 2**20:,.1f} MiB "
             f"(ratio {p.total / xla:.3f}; peak at {p.peak_at})")
     return
-  mesh = memory_plan.resolve_mesh(memory_plan.parse_mesh(args.mesh), args.devices) if args.mesh else None
+  mesh = sharding.mesh_sizes(memory.parse_mesh(args.mesh), args.devices, key="--mesh") if args.mesh else None
   plans = []
-  for name, stage in memory_plan.stages(experiment):
+  for name, stage in memory.stages(experiment):
     try:
       if mesh is None and args.devices:
         plans.append(mesh_search.suggest(stage, args.devices, accel, utilization=args.utilization, stage=name))
       else:  # --mesh, else the config's own mesh with a -1 axis one device wide
-        sizes = mesh or memory_plan.resolve_mesh(dataclasses.asdict(stage.train.mesh), None, key="config.train.mesh")
-        plans.append(memory_plan.plan(stage, sizes, accel, utilization=args.utilization, stage=name))
+        sizes = mesh or sharding.mesh_sizes(dataclasses.asdict(stage.train.mesh), None)
+        plans.append(memory.plan(stage, sizes, accel, utilization=args.utilization, stage=name))
     except ConfigError as e:
       raise ConfigError(f"stage {name}: {e.key}" if name else e.key, str(e)[len(e.key) + 2:]) from None
   if args.json:
     print(json.dumps([p.to_dict() for p in plans], indent=2))
     return
-  print(f"{accel.name}: {accel.memory_bytes / memory_plan.GIB:.0f} GiB, {accel.peak_flops / 1e12:.0f} TFLOP/s bf16 "
+  print(f"{accel.name}: {accel.memory_bytes / accelerators.GIB:.0f} GiB, {accel.peak_flops / 1e12:.0f} TFLOP/s bf16 "
         f"per chip; step time at {args.utilization:.0%} of peak; sizes per device at the step's peak")
-  print(memory_plan.table(plans))
+  print(memory.table(plans))
 
 
 def _add_plan_parser(sub) -> None:

@@ -1,8 +1,8 @@
-"""`pretrain plan` (train/memory_plan.py, train/mesh_search.py): the per-device memory estimate against
+"""`pretrain plan` (pretrain/plan/: memory.py, mesh_search.py): the per-device memory estimate against
 XLA's own accounting of the compiled train step, the remat, micro-batch and FLOPs arithmetic on
 accelerators, mesh suggestions, and the command line.
 
-What the XLA checks compare, per device: `compiled_memory.compiled_step_memory` lowers and compiles the
+What the XLA checks compare, per device: `plan.compiled.compiled_step_memory` lowers and compiles the
 real step (the trainer's model, shardings and donated state) and reads `memory_analysis()`;
 argument + output - alias + temp is the state and batch, the outputs not written over the donated
 state (the metrics), and XLA's scratch buffer at its peak. The planner's `total` (parameters, Adam's
@@ -14,34 +14,37 @@ XLA's argument bytes: that checks the sharding arithmetic exactly.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
 
 import pytest
 
-from pretrain import cli
+from pretrain import cli, models
 from pretrain import config as config_lib
 from pretrain.models import param_count
-from pretrain.train import compiled_memory, memory_plan, mesh_search, sharding
+from pretrain.plan import accelerators, compiled, memory, mesh_search
+from pretrain.train import sharding
 
-CPU = memory_plan.Accelerator("cpu", 24 * 2**30, 1e11, "cpu")
+CPU = accelerators.Accelerator("cpu", 24 * 2**30, 1e11, "cpu")
 TOLERANCE = 0.15
 TWO_LAYER_DEEPSEEK = ["--config=configs/default.py", "--config.model.num_hidden_layers=2"]  # one dense, one MoE
 
 XLA_SCRIPT = """
-import json, os, sys
+import dataclasses, json, os, sys
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
 import jax
 from pretrain import config as config_lib
-from pretrain.train import compiled_memory, memory_plan, sharding
+from pretrain.plan import accelerators, compiled, memory
+from pretrain.train import sharding
 
-cpu = memory_plan.Accelerator("cpu", 24 * 2**30, 1e11, "cpu")
+cpu = accelerators.Accelerator("cpu", 24 * 2**30, 1e11, "cpu")
 for flags in json.loads(sys.argv[1]):
   _, experiment = config_lib.load(flags)
-  mesh = memory_plan.resolve_mesh({a: getattr(experiment.train.mesh, a) for a in sharding.MESH_AXES}, 8)
-  plan = memory_plan.plan(experiment, mesh, cpu)
-  xla = compiled_memory.compiled_step_memory(experiment)
+  mesh = sharding.mesh_sizes(dataclasses.asdict(experiment.train.mesh), 8)
+  plan = memory.plan(experiment, mesh, cpu)
+  xla = compiled.compiled_step_memory(experiment)
   print(json.dumps({"flags": flags, "estimate": plan.total, "state": plan.params + plan.optimizer + plan.batch,
                     "xla": xla.total, "argument": xla.argument}), flush=True)
 """
@@ -49,8 +52,8 @@ for flags in json.loads(sys.argv[1]):
 
 def _plan_and_xla(flags):
   _, experiment = config_lib.load(flags)
-  mesh = memory_plan.resolve_mesh({a: getattr(experiment.train.mesh, a) for a in sharding.MESH_AXES}, 1)
-  return memory_plan.plan(experiment, mesh, CPU), compiled_memory.compiled_step_memory(experiment)
+  mesh = sharding.mesh_sizes(dataclasses.asdict(experiment.train.mesh), 1)
+  return memory.plan(experiment, mesh, CPU), compiled.compiled_step_memory(experiment)
 
 
 @pytest.mark.slow
@@ -93,16 +96,34 @@ def _tiny(*flags, remat="none", microbatches=1):
 def test_parameters_moments_and_gradients_are_the_float32_parameter_count_split_by_the_mesh():
   experiment = _tiny()
   total = param_count.count(experiment.model).total
-  one = memory_plan.plan(experiment, {"data": 1}, memory_plan.accelerator("h100"))
+  one = memory.plan(experiment, {"data": 1}, accelerators.accelerator("h100"))
   assert one.params == 4 * total and one.optimizer - 2 * one.params < 1024
   # FSDP splits every matrix along `embed` (the norms, vectors, stay whole): close to 8x less.
-  eight = memory_plan.plan(experiment, {"fsdp": 8}, memory_plan.accelerator("h100"))
+  eight = memory.plan(experiment, {"fsdp": 8}, accelerators.accelerator("h100"))
   assert one.params / 8 <= eight.params < one.params / 7
 
 
+def test_every_family_has_block_sizes_and_the_expert_axis_splits_only_routed_experts():
+  assert models.SIZE_CLASSES.keys() == models.MODEL_CLASSES.keys()
+  h100 = accelerators.accelerator("h100")
+  for family in ("qwen2", "deepseek_v2"):
+    _, experiment = config_lib.load([f"--config=configs/default.py:family={family}",
+                                     "--config.data.global_batch_size=32"])
+    sizes = models.block_sizes(experiment.model)
+    routed = sizes.routed_experts
+    assert (routed is not None) == (family == "deepseek_v2")
+    assert any(sizes.is_moe_layer(i) for i in range(experiment.model.num_hidden_layers)) == (routed is not None)
+    single, split = (memory.plan(experiment, mesh, h100) for mesh in ({"data": 4}, {"data": 4, "expert": 2}))
+    if routed is None:  # nothing to split: the expert axis only replicates
+      assert split.params == single.params
+    else:  # the routed experts and the router's expert columns are halved, nothing else changes
+      groups = param_count.count(experiment.model).by_group
+      assert single.params - split.params == 4 * (groups["routed_experts"] + groups["router"]) // 2
+
+
 def test_remat_on_an_accelerator_keeps_block_inputs_and_recomputes_one_block():
-  h100 = memory_plan.accelerator("h100")
-  plans = {remat: memory_plan.plan(_tiny(remat=remat), {"data": 1}, h100) for remat in ("none", "dots", "block")}
+  h100 = accelerators.accelerator("h100")
+  plans = {remat: memory.plan(_tiny(remat=remat), {"data": 1}, h100) for remat in ("none", "dots", "block")}
   assert plans["block"].activations < plans["dots"].activations < plans["none"].activations
   # The recomputed forward is hardware work, not model work: MFU is the utilisation scaled by their ratio.
   assert plans["none"].hardware_flops == plans["none"].model_flops and plans["none"].mfu == pytest.approx(0.4)
@@ -111,13 +132,13 @@ def test_remat_on_an_accelerator_keeps_block_inputs_and_recomputes_one_block():
   assert block.mfu == pytest.approx(0.4 * block.model_flops / block.hardware_flops)
   assert block.step_seconds == pytest.approx(block.hardware_flops / (h100.peak_flops * 0.4))
   # XLA:CPU holds every block's residuals whatever the policy (measured above and in jax-ml/jax#19822).
-  cpu = {remat: memory_plan.plan(_tiny(remat=remat), {"data": 1}, CPU).activations for remat in ("none", "block")}
+  cpu = {remat: memory.plan(_tiny(remat=remat), {"data": 1}, CPU).activations for remat in ("none", "block")}
   assert cpu["block"] == cpu["none"]
 
 
 def test_microbatches_trade_activations_for_a_gradient_accumulator():
-  h100 = memory_plan.accelerator("h100")
-  one, four = (memory_plan.plan(_tiny(microbatches=m), {"data": 1}, h100) for m in (1, 4))
+  h100 = accelerators.accelerator("h100")
+  one, four = (memory.plan(_tiny(microbatches=m), {"data": 1}, h100) for m in (1, 4))
   assert four.tokens_per_device == one.tokens_per_device // 4
   assert four.activations < one.activations
   assert four.model_flops == one.model_flops
@@ -130,8 +151,8 @@ def lite_recipe():
 
 
 def test_suggest_finds_a_fitting_mesh_for_each_stage_of_the_lite_recipe(lite_recipe):
-  v5p = memory_plan.accelerator("v5p")
-  for name, stage in memory_plan.stages(lite_recipe):
+  v5p = accelerators.accelerator("v5p")
+  for name, stage in memory.stages(lite_recipe):
     best = mesh_search.suggest(stage, 256, v5p, stage=name)
     assert best.fits and best.devices == 256 and best.stage == name
     # Its batch splits as the trainer needs, and no smaller micro-batch count fits on that mesh.
@@ -139,7 +160,7 @@ def test_suggest_finds_a_fitting_mesh_for_each_stage_of_the_lite_recipe(lite_rec
     assert rows * best.mesh["data"] * best.mesh["fsdp"] * best.mesh["expert"] == stage.data.global_batch_size
     assert rows % best.microbatches == 0
     for fewer in (m for m in range(1, best.microbatches) if rows % m == 0):
-      assert not memory_plan.plan(mesh_search.with_microbatches(stage, fewer), best.mesh, v5p).fits
+      assert not memory.plan(mesh_search.with_microbatches(stage, fewer), best.mesh, v5p).fits
 
 
 def test_cli_prints_a_table(capsys):

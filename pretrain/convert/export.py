@@ -30,10 +30,11 @@ from pretrain.convert import hf_io, orbax_io
 from pretrain.convert.errors import ConversionError
 from pretrain.convert.output_dir import refuse_non_empty
 from pretrain.convert.tensor_map import TensorMap
+from pretrain.schema import ConfigError
 from pretrain.train import workdir
 
 STATE_ITEM = "state"  # the train state's item in a checkpoint step (train/checkpoint.py)
-CHECKPOINTS_DIR, EXPERIMENT_FILE, STAGES_DIR = workdir.CHECKPOINTS_DIR, workdir.EXPERIMENT_FILE, workdir.STAGES_DIR
+CHECKPOINTS_DIR, EXPERIMENT_FILE = workdir.CHECKPOINTS_DIR, workdir.EXPERIMENT_FILE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,43 +55,34 @@ class Source:
   step: int | None
 
 
-def resolve(path, step: int | None = None) -> Source:
-  """The checkpoint `path` names: a save_orbax directory, a training work directory or a recipe's root."""
-  path = storage.local_absolute(path)
-  if (path / orbax_io.CONFIG_FILE).exists():
+def resolve(path, step: int | None = None, *, key: str = "--from-orbax") -> Source:
+  """The checkpoint `path` names: a save_orbax directory, a training work directory or a recipe's root.
+  Errors name `key`, the setting `path` came from."""
+  kind, path = workdir.checkpoint_kind(storage.local_absolute(path), key)
+  if kind == "huggingface":
+    raise ConfigError(key, f"{path} is already a Hugging Face directory")
+  if kind == "orbax":
     if step is not None:
-      raise ConversionError(f"{path} is a model checkpoint without steps; drop --step")
+      raise ConfigError("--step", f"{path} is a model checkpoint without steps; drop --step")
     return Source(orbax_io.read_config(path), path / orbax_io.PARAMS_DIR, (), None)
-  if not (path / CHECKPOINTS_DIR).is_dir() and (path / STAGES_DIR).is_dir():
-    root, path = path, workdir.latest_finished_stage(path)
-    if path is None:
-      raise ConversionError(f"{root / STAGES_DIR} holds no finished stage; name a stage's directory")
-  if not (path / CHECKPOINTS_DIR).is_dir():
-    raise ConversionError(f"{path} is neither a model checkpoint ({orbax_io.CONFIG_FILE}), a training work directory "
-                          f"({CHECKPOINTS_DIR}/) nor a staged recipe's ({STAGES_DIR}/)")
   steps = workdir.complete_steps(path)
-  if not steps:
-    raise ConversionError(f"{path / CHECKPOINTS_DIR} holds no complete checkpoint")
   if step is not None and step not in steps:
-    raise ConversionError(f"{path / CHECKPOINTS_DIR} has no checkpoint of step {step}; it has {steps}")
+    raise ConfigError("--step", f"{path / CHECKPOINTS_DIR} has no checkpoint of step {step}; it has {steps}")
   experiment = hf_io.read_json(path / EXPERIMENT_FILE)
-  try:
-    config = models.parse_model_config(experiment.get("model"), key=f"{path / EXPERIMENT_FILE} model")
-  except ValueError as e:
-    raise ConversionError(str(e)) from e
+  config = models.parse_model_config(experiment.get("model"), key=f"{path / EXPERIMENT_FILE} model")
   step = steps[-1] if step is None else step
   return Source(config, path / CHECKPOINTS_DIR / str(step) / STATE_ITEM, ("params",), step)
 
 
 def export_hf(source_path, out_dir, *, dtype: str = "float32", step: int | None = None,
-              max_shard_bytes: int = hf_io.DEFAULT_MAX_SHARD_BYTES) -> ExportStats:
+              max_shard_bytes: int = hf_io.DEFAULT_MAX_SHARD_BYTES, key: str = "--from-orbax") -> ExportStats:
   """Writes `out_dir` (refused if it exists and is not empty) from the checkpoint `source_path` names.
 
   Every process of a multi-process run calls this together; each writes its share of the files.
   """
   started = time.perf_counter()
   np_dtype = hf_io.check_save_options(dtype, max_shard_bytes)
-  source = resolve(source_path, step)
+  source = resolve(source_path, step, key=key)
   out_dir = storage.local_absolute(out_dir)
   refuse_non_empty(out_dir)
   arrays = _ArrayReader(source)

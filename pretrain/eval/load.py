@@ -5,8 +5,10 @@
   - an Orbax model checkpoint (model_config.json, `pretrain convert --to-orbax`);
   - a training work directory (checkpoints/): its latest checkpoint's parameters, with the
     model config the trainer recorded in its experiment.json.
-The parameters are read by `checkpoint.load_init_params`, as `init_from` reads them. A staged recipe's work directory (stages/<i>-<name>/) stands for its
-    latest finished stage; name a stage's directory to evaluate an unfinished one.
+A staged recipe's work directory (stages/<i>-<name>/) stands for its latest finished stage;
+name a stage's directory to evaluate an unfinished one (train/workdir.py `checkpoint_kind`
+tells the kinds apart for every reader). The parameters are read by
+`checkpoint.load_init_params`, as `init_from` reads them.
 The tokenizer is `--tokenizer` if given, else the run's `data.tokenizer` (work directory),
 else the tokenizer.json or single *.model inside the checkpoint directory. A Hugging Face
 tokenizer_config.json, when present, names the BOS/EOS/pad strings; a model without a BOS
@@ -23,8 +25,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
-from typing import Literal
-
 import jax
 from flax import nnx
 
@@ -37,7 +37,6 @@ from pretrain.data.tokenizer import Tokenizer, load_tokenizer
 from pretrain.schema import ConfigError
 from pretrain.train import checkpoint, trainer, workdir
 
-Kind = Literal["huggingface", "orbax", "workdir"]
 KEY = "--checkpoint"
 
 
@@ -47,7 +46,7 @@ class Source:
 
   given: str  # the flag's value, for reports
   path: pathlib.Path  # the directory whose parameters are read (for a recipe: its latest finished stage)
-  kind: Kind
+  kind: workdir.Kind
   model_config: models.ModelConfig
   tokenizer_path: pathlib.Path
   special_tokens: SpecialTokens
@@ -60,28 +59,16 @@ class Source:
 
 def resolve(checkpoint_path: str, tokenizer: str | None = None) -> Source:
   """The source `checkpoint_path` names, its model config and its tokenizer's location; reads no parameters."""
-  path = pathlib.Path(checkpoint_path).expanduser()
-  if not path.exists():
-    raise ConfigError(KEY, f"{path} does not exist")
-  if not path.is_dir():
-    raise ConfigError(KEY, f"{path} is not a directory")
-  if (path / "config.json").exists():
-    config = convert.config_from_hf(_read_json(path / "config.json"))
-    return _with_tokenizer(checkpoint_path, path, "huggingface", config, tokenizer)
-  if (path / convert.orbax_io.CONFIG_FILE).exists():
+  kind, path = workdir.checkpoint_kind(pathlib.Path(checkpoint_path).expanduser(), KEY)
+  path = pathlib.Path(path)
+  if kind == "huggingface":
+    config = convert.config_from_hf(_read_json(path / workdir.HF_CONFIG_FILE))
+    return _with_tokenizer(checkpoint_path, path, kind, config, tokenizer)
+  if kind == "orbax":
     config = models.parse_model_config(_read_json(path / convert.orbax_io.CONFIG_FILE),
                                        key=str(path / convert.orbax_io.CONFIG_FILE))
-    return _with_tokenizer(checkpoint_path, path, "orbax", config, tokenizer)
-  if not (path / checkpoint.CHECKPOINTS_DIR).is_dir() and (path / workdir.STAGES_DIR).is_dir():
-    root, path = path, workdir.latest_finished_stage(path)
-    if path is None:
-      raise ConfigError(KEY, f"{root / workdir.STAGES_DIR} holds no finished stage; name a stage's directory "
-                        "(stages/<i>-<name>) to evaluate its latest checkpoint")
-    path = pathlib.Path(path)
-  if (path / checkpoint.CHECKPOINTS_DIR).is_dir():
-    return _workdir_source(checkpoint_path, path, tokenizer)
-  raise ConfigError(KEY, f"{path} is neither a Hugging Face directory (config.json), an Orbax model checkpoint "
-                    "(model_config.json), a training work directory (checkpoints/) nor a staged recipe's (stages/)")
+    return _with_tokenizer(checkpoint_path, path, kind, config, tokenizer)
+  return _workdir_source(checkpoint_path, path, tokenizer)
 
 
 def load_tokenizer_of(source: Source) -> Tokenizer:
@@ -125,8 +112,6 @@ def default_out_dir(source: Source) -> pathlib.Path:
 
 
 def _workdir_source(given: str, path: pathlib.Path, tokenizer: str | None) -> Source:
-  if not checkpoint.has_checkpoints(path):
-    raise ConfigError(KEY, f"{path / checkpoint.CHECKPOINTS_DIR} holds no complete checkpoint")
   experiment_file = path / trainer.EXPERIMENT_FILE
   if not experiment_file.is_file():
     raise ConfigError(KEY, f"{path} has {checkpoint.CHECKPOINTS_DIR}/ but no {trainer.EXPERIMENT_FILE}, where the "
@@ -145,7 +130,7 @@ def _workdir_source(given: str, path: pathlib.Path, tokenizer: str | None) -> So
   return Source(given, path, "workdir", config, tokenizer_path, special_tokens, step)
 
 
-def _with_tokenizer(given: str, path: pathlib.Path, kind: Kind, config, tokenizer: str | None) -> Source:
+def _with_tokenizer(given: str, path: pathlib.Path, kind: workdir.Kind, config, tokenizer: str | None) -> Source:
   """A model directory's source: its tokenizer is --tokenizer or the one inside it."""
   if tokenizer is not None:
     tokenizer_path = pathlib.Path(tokenizer).expanduser()

@@ -81,28 +81,21 @@ def load_init_params(path: str, abstract_params: nnx.State, *, read_window_bytes
   shardings: each process reads only the shards its devices hold (nothing is gathered). `key` names
   the setting in errors."""
   storage.check_bucket(path, key)
-  source = storage.local_absolute(path)
-  if not source.exists():
-    raise ConfigError(key, f"{source} does not exist")
+  kind, source = workdir_layout.checkpoint_kind(storage.local_absolute(path), key)
   try:
-    if (source / "config.json").exists():
+    if kind == "huggingface":
       params, stats = hf_import.load_hf_params(source, abstract_params, read_window_bytes=read_window_bytes,
                                                key=key)
       log(f"read {stats.bytes_read / 1e9:.3g} of the checkpoint's {stats.checkpoint_bytes / 1e9:.3g} GB on this "
           f"process in {stats.seconds:.1f} s")
       return params
-    if (source / orbax_io.CONFIG_FILE).exists():
+    if kind == "orbax":
       return orbax_io.load_params(source, abstract_params, key=key)
   except ConversionError as e:
     raise ConfigError(key, str(e).removeprefix(f"{key}: ")) from e
-  if not (source / CHECKPOINTS_DIR).is_dir():
-    raise ConfigError(key, f"{source} is neither a Hugging Face directory (config.json), an "
-                      "Orbax model checkpoint (model_config.json) nor a training work directory (checkpoints/)")
   manager = ocp.CheckpointManager(source / CHECKPOINTS_DIR, item_names=("state", "data"))
   try:
     step = manager.latest_step()
-    if step is None:
-      raise ConfigError(key, f"{source / CHECKPOINTS_DIR} holds no complete checkpoint")
     target = {"params": abstract_params}
     restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
         target, restore_args=jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), target),

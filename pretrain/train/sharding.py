@@ -12,12 +12,12 @@ plan `models.build` gives each of them.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
 
 from pretrain.models import context_parallel, expert_parallel, moe
 from pretrain.models.parallelism import Parallelism
@@ -29,26 +29,38 @@ MESH_AXES = ("data", "fsdp", "context", "tensor", "expert")
 AxisRules = Sequence[tuple[str, Sequence[str]]]
 
 
-def make_mesh(config: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
-  devices = list(jax.devices() if devices is None else devices)
-  sizes = {axis: getattr(config, axis) for axis in MESH_AXES}
+def mesh_sizes(sizes: Mapping[str, int], devices: int | None, key: str = "config.train.mesh") -> dict[str, int]:
+  """Every axis's size (unnamed axes 1), a -1 axis taking the devices the others leave; with `devices`
+  None (a plan with no device count) the -1 axis is one device wide."""
+  sizes = {axis: int(sizes.get(axis, 1)) for axis in MESH_AXES}
   free = [axis for axis, size in sizes.items() if size == -1]
   if len(free) > 1:
-    raise ConfigError(f"config.train.mesh.{free[1]}", f"only one axis may be -1; {', '.join(free)} are")
+    raise ConfigError(f"{key}.{free[1]}", f"only one axis may be -1; {', '.join(free)} are")
   for axis, size in sizes.items():
     if size == 0 or size < -1:
-      raise ConfigError(f"config.train.mesh.{axis}", f"must be positive or -1, got {size}")
+      raise ConfigError(f"{key}.{axis}", f"must be positive or -1, got {size}")
   fixed = math.prod(size for size in sizes.values() if size != -1)
   if free:
-    if len(devices) % fixed:
-      raise ConfigError(f"config.train.mesh.{free[0]}", f"the other axes take {fixed} devices, which does not divide "
-                        f"the {len(devices)} available")
-    sizes[free[0]] = len(devices) // fixed
-  if math.prod(sizes.values()) != len(devices):
-    raise ConfigError("config.train.mesh", f"{' x '.join(f'{a}={s}' for a, s in sizes.items())} = "
-                      f"{math.prod(sizes.values())} devices, but {len(devices)} are available")
+    if devices is not None and devices % fixed:
+      raise ConfigError(f"{key}.{free[0]}", f"the other axes take {fixed} devices, which does not divide "
+                        f"the {devices} available")
+    sizes[free[0]] = 1 if devices is None else devices // fixed
+  if devices is not None and math.prod(sizes.values()) != devices:
+    raise ConfigError(key, f"{' x '.join(f'{a}={s}' for a, s in sizes.items())} = "
+                      f"{math.prod(sizes.values())} devices, but {devices} are available")
+  return sizes
+
+
+def make_mesh(config: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
+  devices = list(jax.devices() if devices is None else devices)
+  sizes = mesh_sizes({axis: getattr(config, axis) for axis in MESH_AXES}, len(devices))
   shape = tuple(sizes[axis] for axis in MESH_AXES)
   return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+
+
+def abstract_mesh(sizes: Mapping[str, int]) -> AbstractMesh:
+  """A mesh of axis sizes only, no devices: what the capacity planner lays a run out on."""
+  return AbstractMesh(tuple(int(sizes.get(axis, 1)) for axis in MESH_AXES), MESH_AXES)
 
 
 def spec_for(logical_axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules: AxisRules) -> PartitionSpec:
@@ -66,6 +78,12 @@ def spec_for(logical_axes: Sequence[str | None], shape: Sequence[int], mesh: Mes
     used.update(axes)
     spec.append(tuple(axes) if len(axes) > 1 else (axes[0] if axes else None))
   return PartitionSpec(*spec)
+
+
+def split_sizes(logical_axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh | AbstractMesh,
+                rules: AxisRules) -> dict[str, int]:
+  """The mesh axes (and their sizes) that split an array of these logical axes and shape."""
+  return {a: mesh.shape[a] for entry in spec_for(logical_axes, shape, mesh, rules) for a in spec_axes(entry)}
 
 
 def param_shardings(abstract_params: nnx.State, mesh: Mesh, rules: AxisRules) -> nnx.State:
@@ -133,21 +151,28 @@ def expert_parallelism(model, mesh: Mesh, rules: AxisRules) -> expert_parallel.E
   experts = getattr(model, "n_routed_experts", 0)
   if not experts:
     return None
+  tokens, expert_axes, mlp_axes = expert_split((experts, model.hidden_size, model.moe_intermediate_size), mesh, rules)
+  return expert_parallel.ExpertParallel(mesh, tokens, expert_axes, mlp_axes) if expert_axes else None
+
+
+def expert_split(shape: tuple[int, int, int], mesh: Mesh | AbstractMesh,
+                 rules: AxisRules) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
+  """(token axes, expert axes, hidden axes) of routed experts of shape [E, D, F]: the axes the MoE layer's
+  tokens are split over, those its experts are split over, and those an expert's hidden size is split over
+  beyond the tokens' axes."""
   # The MoE layer flattens [B, S] to tokens B-major, so with a split sequence its tokens are split
   # over the batch axes, then the sequence axes.
   tokens = batch_axes(mesh, rules) + sequence_axes(mesh, rules)
-  shape = (experts, model.hidden_size, model.moe_intermediate_size)
   expert_spec, _, mlp_spec = spec_for(moe.ROUTED_EXPERT_AXES, shape, mesh, rules)
-  expert_axes = _axes(expert_spec)
-  mlp_axes = tuple(a for a in _axes(mlp_spec) if a not in tokens)
-  return expert_parallel.ExpertParallel(mesh, tokens, expert_axes, mlp_axes) if expert_axes else None
+  return tokens, spec_axes(expert_spec), tuple(a for a in spec_axes(mlp_spec) if a not in tokens)
 
 
 def _rule(rules: AxisRules, name: str) -> tuple[str, ...]:
   return {n: tuple(axes) for n, axes in rules}.get(name, ())
 
 
-def _axes(spec_entry) -> tuple[str, ...]:
+def spec_axes(spec_entry) -> tuple[str, ...]:
+  """The mesh axes of one PartitionSpec entry (None, an axis, or a tuple of axes)."""
   if spec_entry is None:
     return ()
   return (spec_entry,) if isinstance(spec_entry, str) else tuple(spec_entry)

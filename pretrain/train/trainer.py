@@ -236,7 +236,7 @@ def _export(cfg: TrainConfig, step: int, checkpoints, log) -> None:
     log(f"step {step}: Hugging Face export {out} exists, kept")
     return
   checkpoints.wait()  # the export reads the finished checkpoint
-  stats = export.export_hf(cfg.workdir, out, dtype=cfg.export_hf_dtype, step=step)
+  stats = export.export_hf(cfg.workdir, out, dtype=cfg.export_hf_dtype, step=step, key="config.train.workdir")
   log(f"step {step}: exported {out} ({cfg.export_hf_dtype}, {stats.seconds:.1f} s)")
 
 

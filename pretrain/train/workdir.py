@@ -4,19 +4,60 @@
   <workdir>/experiment.json       the run's settings (trainer.py), the model among them
   <workdir>/hf/<step>/            Hugging Face exports (config.train.export_hf)
   <root>/stages/<i>-<name>/       a staged recipe's stages, each a work directory; STAGE_DONE when finished
+
+`checkpoint_kind` says which of the three kinds of checkpoint a path names (a work directory, a
+Hugging Face directory, an Orbax model checkpoint), for every reader that accepts any of them
+(`init_from`, `pretrain eval --checkpoint`, `pretrain convert --from-orbax`).
 """
 
 from __future__ import annotations
 
+from typing import Literal
+
 import orbax.checkpoint as ocp
 
 from pretrain import storage
+from pretrain.convert import orbax_io
+from pretrain.schema import ConfigError
 
 CHECKPOINTS_DIR = "checkpoints"
 EXPERIMENT_FILE = "experiment.json"
 EXPORT_DIR = "hf"
 STAGES_DIR = "stages"
 DONE_FILE = "STAGE_DONE"
+HF_CONFIG_FILE = "config.json"
+
+Kind = Literal["huggingface", "orbax", "workdir"]
+
+
+def checkpoint_kind(path, key: str, *, stages: bool = True) -> tuple[Kind, object]:
+  """(kind, directory) of the checkpoint `path` names: a Hugging Face directory (config.json), an Orbax
+  model checkpoint (model_config.json, `pretrain convert --to-orbax`) or a training work directory
+  (checkpoints/). With `stages`, a staged recipe's root (stages/) names its latest finished stage's work
+  directory. Errors name `key`, the setting `path` came from."""
+  path = storage.as_path(path)
+  if not path.exists():
+    raise ConfigError(key, f"{path} does not exist")
+  if not path.is_dir():
+    raise ConfigError(key, f"{path} is not a directory")
+  if (path / HF_CONFIG_FILE).exists():
+    return "huggingface", path
+  if (path / orbax_io.CONFIG_FILE).exists():
+    return "orbax", path
+  if stages and not (path / CHECKPOINTS_DIR).is_dir() and (path / STAGES_DIR).is_dir():
+    stage = latest_finished_stage(path)
+    if stage is None:
+      raise ConfigError(key, f"{path / STAGES_DIR} holds no finished stage; name a stage's directory "
+                        f"({STAGES_DIR}/<i>-<name>) to read its latest checkpoint")
+    path = stage
+  if (path / CHECKPOINTS_DIR).is_dir():
+    if not complete_steps(path):
+      raise ConfigError(key, f"{path / CHECKPOINTS_DIR} holds no complete checkpoint")
+    return "workdir", path
+  recipe = f", a training work directory ({CHECKPOINTS_DIR}/) nor a staged recipe's ({STAGES_DIR}/)" if stages else \
+      f" nor a training work directory ({CHECKPOINTS_DIR}/)"
+  raise ConfigError(key, f"{path} is neither a Hugging Face directory ({HF_CONFIG_FILE}), an Orbax model "
+                    f"checkpoint ({orbax_io.CONFIG_FILE}){recipe}")
 
 
 def complete_steps(workdir) -> list[int]:

@@ -1,4 +1,4 @@
-"""`pretrain plan --devices=N`: a mesh and micro-batch count that fit, chosen from `memory_plan` plans.
+"""`pretrain plan --devices=N`: a mesh and micro-batch count that fit, chosen from `plan.memory` plans.
 
 `suggest` tries every way to split N devices over the mesh axes (sharding.MESH_AXES, in
 order), skipping splits the axis rules would only replicate over (a tensor axis that does
@@ -15,11 +15,14 @@ import dataclasses
 import math
 from collections.abc import Sequence
 
+from pretrain import models
 from pretrain.config import ExperimentConfig
-from pretrain.models.config import DeepseekV2Config, ModelConfig
+from pretrain.models.config import ModelConfig
+from pretrain.plan import memory
+from pretrain.plan.accelerators import Accelerator
+from pretrain.plan.memory import Plan
 from pretrain.schema import ConfigError
-from pretrain.train import memory_plan, sharding
-from pretrain.train.memory_plan import Accelerator, Plan
+from pretrain.train import sharding
 
 
 def suggest(experiment: ExperimentConfig, devices: int, accel: Accelerator, *, utilization: float = 0.4,
@@ -35,14 +38,14 @@ def suggest(experiment: ExperimentConfig, devices: int, accel: Accelerator, *, u
   for mesh in _factorisations(devices, sharding.MESH_AXES):
     if not _worth_trying(experiment.model, mesh) or mesh.get("tensor", 1) > (accel.max_tensor or devices):
       continue
-    batch_ways = math.prod(mesh[a] for a in sharding.batch_axes(memory_plan._fake_mesh(mesh), cfg.axis_rules))
+    batch_ways = math.prod(mesh[a] for a in sharding.batch_axes(sharding.abstract_mesh(mesh), cfg.axis_rules))
     if data.global_batch_size % batch_ways:
       continue
     rows = data.global_batch_size // batch_ways
     candidate = None
     for micro in (m for m in range(1, rows + 1) if rows % m == 0):
       try:
-        candidate = memory_plan.plan(with_microbatches(experiment, micro), mesh, accel, utilization=utilization,
+        candidate = memory.plan(with_microbatches(experiment, micro), mesh, accel, utilization=utilization,
                                      stage=stage)
       except ConfigError:  # this mesh cannot lay the batch out (e.g. the context chunks)
         break
@@ -69,7 +72,8 @@ def _worth_trying(model: ModelConfig, mesh: dict[str, int]) -> bool:
   if mesh.get("tensor", 1) > 1 and model.num_attention_heads % mesh["tensor"]:
     return False
   if mesh.get("expert", 1) > 1:
-    return isinstance(model, DeepseekV2Config) and model.n_routed_experts % mesh["expert"] == 0
+    routed = models.block_sizes(model).routed_experts
+    return routed is not None and routed.count % mesh["expert"] == 0
   return True
 
 

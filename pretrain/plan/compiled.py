@@ -7,7 +7,7 @@ Nothing is allocated and no data is read, so it works for any config whose mesh 
 local devices (on CPU, simulate devices with
 XLA_FLAGS=--xla_force_host_platform_device_count=N).
 
-It is the yardstick for `memory_plan`: the planner's per-device estimate is checked
+It is the yardstick for `plan.memory`: the planner's per-device estimate is checked
 against it (tests/test_plan.py, `pretrain plan --xla`).
 """
 
@@ -19,6 +19,7 @@ from pretrain.config import ExperimentConfig
 from pretrain.data import batch as batch_lib
 from pretrain.schema import ConfigError
 from pretrain.train import sharding, trainer
+
 
 @dataclasses.dataclass(frozen=True)
 class CompiledMemory:

@@ -4,7 +4,7 @@
 at its peak: the float32 parameters and Adam's two moments (each split as
 `TrainConfig.axis_rules` split it, with `sharding.spec_for`, on a mesh of sizes only),
 the batch, the float32 gradients, and the activations of the remat policy at one
-micro-batch (train/activation_memory.py). The peak is the largest of these moments:
+micro-batch (each family's block sizes: models/block_sizes.py). The peak is the largest of these moments:
 
 - the end of the forward pass: every block's kept activations, and the last block's
   attention tiles or the fused cross-entropy's working set (and, with micro-batches, the
@@ -30,7 +30,7 @@ per device per step (parameter all-gathers and gradient reductions over the batc
 tensor-parallel all-reduces, expert-group token exchange, the context ring) and used to
 prefer one fitting mesh over another; it is not turned into time.
 
-train/mesh_search.py picks a mesh (and micro-batch count) that fits from these plans.
+plan/mesh_search.py picks a mesh (and micro-batch count) that fits from these plans.
 """
 
 from __future__ import annotations
@@ -38,7 +38,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import types
 from collections.abc import Mapping, Sequence
 
 import jax
@@ -47,52 +46,16 @@ from flax import nnx
 from pretrain import models
 from pretrain.config import ExperimentConfig
 from pretrain.data import batch as batch_lib
-from pretrain.models.config import DeepseekV2Config, ModelConfig, RopeScaling
+from pretrain.models.block_sizes import F32, BlockSizes, Local
+from pretrain.models.config import ModelConfig, RopeScaling
+from pretrain.plan import compiled
+from pretrain.plan.accelerators import GIB, Accelerator
 from pretrain.schema import ConfigError
-from pretrain.train import activation_memory, flops, sharding, step, trainer
-from pretrain.train.activation_memory import F32, Local
+from pretrain.train import flops, sharding, step, trainer
+from pretrain.train import stages as stages_lib
 
-GIB = 2**30
 # What a run may use of a chip's memory: the rest goes to the runtime, collectives' buffers and fragmentation.
 USABLE_FRACTION = 0.9
-
-
-@dataclasses.dataclass(frozen=True)
-class Accelerator:
-  name: str
-  memory_bytes: int  # per chip
-  peak_flops: float  # bf16 dense, per chip
-  platform: str  # "tpu", "gpu" or "cpu": which kernels `auto` picks and how remat is scheduled
-  # The most devices a tensor-parallel group may span: its all-reduces run every block, so on GPUs it stays
-  # inside one NVLink domain (an 8-GPU HGX node); a TPU slice's ICI torus connects every chip.
-  max_tensor: int | None = None
-
-
-# Per chip: HBM capacity from the vendors' datasheets (Cloud TPU system architecture pages: v4 32 GiB,
-# v5e 16 GiB, v5p 95 GiB, v6e Trillium 32 GiB; NVIDIA A100 40/80 GB, H100 SXM 80 GB, H200 141 GB) and
-# the bf16 dense peak of train/flops.py's table, the one the trainer's MFU uses.
-def _chip(name: str, memory_bytes: int, platform: str, **kwargs) -> Accelerator:
-  return Accelerator(name, memory_bytes, flops.datasheet_peak(name, platform), platform, **kwargs)
-
-
-ACCELERATORS: dict[str, Accelerator] = {
-    "v4": _chip("TPU v4", 32 * GIB, "tpu"),
-    "v5e": _chip("TPU v5e", 16 * GIB, "tpu"),
-    "v5p": _chip("TPU v5p", 95 * GIB, "tpu"),
-    "v6e": _chip("TPU v6e", 32 * GIB, "tpu"),
-    "a100-40gb": _chip("A100 40GB", 40 * GIB, "gpu", max_tensor=8),
-    "a100-80gb": _chip("A100 80GB", 80 * GIB, "gpu", max_tensor=8),
-    "h100": _chip("H100 SXM", 80 * GIB, "gpu", max_tensor=8),
-    "h200": _chip("H200", 141 * 10**9, "gpu", max_tensor=8),
-}
-
-
-def accelerator(name: str) -> Accelerator:
-  """The accelerator named (case-insensitive; `tpu-v5p` and `v5p` alike)."""
-  key = name.lower().removeprefix("tpu-").removeprefix("tpu ")
-  if key not in ACCELERATORS:
-    raise ConfigError("--accelerator", f"unknown accelerator {name!r}; known: {', '.join(ACCELERATORS)}")
-  return ACCELERATORS[key]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,7 +107,8 @@ class Plan:
 
 
 def parse_mesh(text: str) -> dict[str, int]:
-  """'data=1,fsdp=64,expert=8' -> sizes by axis; unnamed axes are 1, one axis may be -1."""
+  """'data=1,fsdp=64,expert=8' -> sizes by axis (unnamed axes are 1, one axis may be -1: sharding.mesh_sizes
+  resolves it)."""
   sizes = {axis: 1 for axis in sharding.MESH_AXES}
   for item in filter(None, text.split(",")):
     axis, eq, value = item.partition("=")
@@ -155,30 +119,6 @@ def parse_mesh(text: str) -> dict[str, int]:
     except ValueError:
       raise ConfigError("--mesh", f"{item!r}: the size must be an integer") from None
   return sizes
-
-
-def resolve_mesh(sizes: Mapping[str, int], devices: int | None, key: str = "--mesh") -> dict[str, int]:
-  """Every axis's size, a -1 axis taking the devices the others leave (as sharding.make_mesh does)."""
-  sizes = {axis: int(sizes.get(axis, 1)) for axis in sharding.MESH_AXES}
-  free = [axis for axis, size in sizes.items() if size == -1]
-  if len(free) > 1 or any(size == 0 or size < -1 for size in sizes.values()):
-    raise ConfigError(key, f"sizes must be positive, and at most one -1; got {sizes}")
-  fixed = math.prod(size for size in sizes.values() if size != -1)
-  if free:
-    if devices is None:
-      sizes[free[0]] = 1  # no device count given: the free axis is one device wide
-    elif devices % fixed:
-      raise ConfigError(key, f"the fixed axes take {fixed} devices, which does not divide {devices}")
-    else:
-      sizes[free[0]] = devices // fixed
-  if devices is not None and math.prod(sizes.values()) != devices:
-    raise ConfigError(key, f"{_mesh_text(sizes)} is {math.prod(sizes.values())} devices, not {devices}")
-  return sizes
-
-
-def _fake_mesh(sizes: Mapping[str, int]):
-  """What sharding.spec_for and batch_axes read of a Mesh: its axis sizes."""
-  return types.SimpleNamespace(shape=dict(sizes))
 
 
 def _mesh_text(sizes: Mapping[str, int]) -> str:
@@ -230,10 +170,10 @@ class _ParamLayout:
 def _shapes_only(model: ModelConfig) -> ModelConfig:
   """The model config less what does not change its parameters (dtype, RoPE scaling, kernels), so a
   staged recipe's stages share one cache entry."""
-  neutral = {"dtype": "float32", "attention_implementation": "auto"}
-  if isinstance(model, DeepseekV2Config):
-    neutral.update(rope_scaling=RopeScaling(), moe_implementation="auto")
-  return dataclasses.replace(model, **neutral)
+  neutral = {"dtype": "float32", "attention_implementation": "auto", "moe_implementation": "auto",
+             "rope_scaling": RopeScaling()}
+  fields = {field.name for field in dataclasses.fields(model)}
+  return dataclasses.replace(model, **{name: value for name, value in neutral.items() if name in fields})
 
 
 @functools.lru_cache(maxsize=4096)
@@ -261,15 +201,7 @@ def _param_layout(model: ModelConfig, mesh_items: tuple[tuple[str, int], ...], r
 
 def _split(param: _Param, mesh: Mapping[str, int], rules) -> dict[str, int]:
   """The mesh axes (and their sizes) that split this parameter."""
-  spec = sharding.spec_for(param.axes, param.shape, _fake_mesh(mesh), rules)
-  return {a: mesh[a] for entry in spec for a in _entry_axes(entry)}
-
-
-def _entry_axes(entry) -> tuple[str, ...]:
-  """The mesh axes of one PartitionSpec entry (None, an axis, or a tuple of axes)."""
-  if entry is None:
-    return ()
-  return (entry,) if isinstance(entry, str) else tuple(entry)
+  return sharding.split_sizes(param.axes, param.shape, sharding.abstract_mesh(mesh), rules)
 
 
 def _ways(logical: str, size: int, mesh: Mapping[str, int], rules, taken: Sequence[str]) -> int:
@@ -291,7 +223,8 @@ def plan(experiment: ExperimentConfig, mesh: Mapping[str, int], accel: Accelerat
     raise ConfigError("--utilization", f"must be in (0, 1], got {utilization}")
   mesh = {axis: int(mesh.get(axis, 1)) for axis in sharding.MESH_AXES}
   rules = cfg.axis_rules
-  local, layout = _local(experiment, mesh, accel)
+  sizes = models.block_sizes(model)
+  local, layout = _local(experiment, mesh, accel, sizes)
 
   # Parameters, Adam's moments and gradients: float32, split like the parameters.
   layout_params = _param_layout(_shapes_only(model), tuple(mesh.items()), tuple(map(tuple, rules)), layout["taken"],
@@ -302,9 +235,9 @@ def plan(experiment: ExperimentConfig, mesh: Mapping[str, int], accel: Accelerat
   optimizer = 2 * param_bytes + 2 * F32 + (step.GRAD_NORM_WINDOW + 3) * F32
   batch = layout["rows_per_step"] * batch_lib.bytes_per_row(local.seq)
 
-  grads, acts, where = _peak(model, cfg.remat, local, accel.platform, cfg.microbatches, param_bytes,
-                                   layer_grads, head_grads, layout_params.layer_weights)
-  model_flops, hardware_flops = _flops(experiment, mesh, local, layout)
+  grads, acts, where = _peak(sizes, cfg.remat, local, accel.platform, cfg.microbatches, param_bytes,
+                             layer_grads, head_grads, layout_params.layer_weights)
+  model_flops, hardware_flops = _flops(experiment, sizes, mesh, local)
   devices = math.prod(mesh.values())
   step_seconds = hardware_flops / (devices * accel.peak_flops * utilization)
   return Plan(
@@ -313,49 +246,45 @@ def plan(experiment: ExperimentConfig, mesh: Mapping[str, int], accel: Accelerat
       capacity=int(accel.memory_bytes * USABLE_FRACTION), model_flops=model_flops, hardware_flops=hardware_flops,
       utilization=utilization, step_seconds=step_seconds,
       mfu=model_flops / (devices * accel.peak_flops * step_seconds),
-      comm_bytes=_communication(experiment, mesh, local, layout, layout_params))
+      comm_bytes=_communication(experiment, sizes, mesh, local, layout, layout_params))
 
 
-def _local(experiment: ExperimentConfig, mesh: dict[str, int], accel: Accelerator) -> tuple[Local, dict]:
+def _local(experiment: ExperimentConfig, mesh: dict[str, int], accel: Accelerator,
+           sizes: BlockSizes) -> tuple[Local, dict]:
   """Per-device sizes of one micro-batch (and how the batch is laid out), checked as the trainer checks them."""
   cfg, data, model = experiment.train, experiment.data, experiment.model
   rules = cfg.axis_rules
-  fake = _fake_mesh(mesh)
-  batch_axes = sharding.batch_axes(fake, rules)
-  seq_axes = sharding.sequence_axes(fake, rules)
+  abstract = sharding.abstract_mesh(mesh)
+  trainer.check_batch_split(experiment, abstract)  # the trainer's own checks, on a mesh of sizes only
+  batch_axes, seq_axes = sharding.batch_axes(abstract, rules), sharding.sequence_axes(abstract, rules)
   batch_ways = math.prod(mesh[a] for a in batch_axes)
   context = math.prod(mesh[a] for a in seq_axes)
-  trainer.check_batch_split(experiment, fake)  # the trainer's own checks, on a mesh of sizes only
   taken = batch_axes + seq_axes
   rows_per_step = data.global_batch_size // batch_ways
   rows, seq = rows_per_step // cfg.microbatches, data.seq_len // context
-  heads = model.num_attention_heads // _ways("heads", model.num_attention_heads, mesh, rules, taken)
-  kv_heads = getattr(model, "num_key_value_heads", model.num_attention_heads)
-  kv_heads //= _ways("kv_heads", kv_heads, mesh, rules, taken)
-  mlp = model.intermediate_size // _ways("mlp", model.intermediate_size, mesh, rules, taken)
-  vocab = model.vocab_size // _ways("vocab", model.vocab_size, mesh, rules, taken)
-  shared_mlp = moe_mlp = experts = 0
-  routed_tokens, expert_axes = rows * seq, ()
-  if isinstance(model, DeepseekV2Config):
-    shared = model.moe_intermediate_size * model.n_shared_experts
-    shared_mlp = shared // _ways("mlp", shared, mesh, rules, taken) if shared else 0
+
+  def per_device(logical: str, size: int) -> int:
+    return size // _ways(logical, size, mesh, rules, taken)
+
+  local = Local(rows=rows, seq=seq, compute_bytes=_dtype_bytes(model.dtype),
+                heads=per_device("heads", model.num_attention_heads), kv_heads=per_device("kv_heads", sizes.kv_heads),
+                mlp=per_device("mlp", model.intermediate_size), vocab=per_device("vocab", model.vocab_size),
+                loss_chunk=cfg.loss_chunk)
+  routed = sizes.routed_experts
+  if routed is not None:
     # The routed experts' split, exactly as sharding.expert_parallelism reads it.
-    gate = _Param(None, (model.n_routed_experts, model.hidden_size, model.moe_intermediate_size),
-                  ("expert", "embed", "mlp"))
-    expert_spec, _, mlp_spec = sharding.spec_for(gate.axes, gate.shape, fake, rules)
-    expert_axes, mlp_axes = _entry_axes(expert_spec), [a for a in _entry_axes(mlp_spec) if a not in taken]
-    experts = model.n_routed_experts // math.prod(mesh[a] for a in expert_axes)
-    moe_mlp = model.moe_intermediate_size // math.prod(mesh[a] for a in mlp_axes)
+    _, expert_axes, mlp_axes = sharding.expert_split(routed.shape, abstract, rules)
+    routed_tokens = rows * seq
     if expert_axes:  # the tokens of the expert group, all-gathered (models/expert_parallel.py)
       routed_tokens *= math.prod(mesh[a] for a in expert_axes if a in taken)
     else:  # the dispatch sorts the whole micro-batch's (token, expert) pairs on every device
       routed_tokens *= batch_ways * context
-  implementation = model.moe_implementation if isinstance(model, DeepseekV2Config) else "auto"
-  local = Local(rows=rows, seq=seq, compute_bytes=_dtype_bytes(model.dtype), heads=heads, kv_heads=kv_heads,
-                mlp=mlp, shared_mlp=shared_mlp, moe_mlp=moe_mlp, experts=experts, routed_tokens=routed_tokens,
-                expert_parallel=isinstance(model, DeepseekV2Config) and bool(expert_axes), vocab=vocab,
-                loss_chunk=cfg.loss_chunk,
-                ragged_dot=implementation == "ragged_dot" or (implementation == "auto" and accel.platform == "tpu"))
+    local = dataclasses.replace(
+        local, shared_mlp=per_device("mlp", routed.shared_hidden) if routed.shared_hidden else 0,
+        moe_mlp=routed.expert_hidden // math.prod(mesh[a] for a in mlp_axes),
+        experts=routed.count // math.prod(mesh[a] for a in expert_axes), routed_tokens=routed_tokens,
+        expert_parallel=bool(expert_axes),
+        ragged_dot=routed.implementation == "ragged_dot" or (routed.implementation == "auto" and accel.platform == "tpu"))
   layout = {"rows_per_step": rows_per_step, "batch_ways": batch_ways, "context": context, "taken": taken}
   return local, layout
 
@@ -364,19 +293,18 @@ def _dtype_bytes(dtype: str) -> int:
   return {"float32": 4, "bfloat16": 2, "float16": 2}[dtype]
 
 
-def _peak(model: ModelConfig, remat: str, local: Local, platform: str, microbatches: int, param_bytes: int,
+def _peak(sizes: BlockSizes, remat: str, local: Local, platform: str, microbatches: int, param_bytes: int,
           layer_grads: list[int], head_grads: int, layer_weights: Sequence[int]) -> tuple[int, int, str]:
   """(gradients, activations, which moment) at the moment of the step where their sum peaks."""
-  layers = range(model.num_hidden_layers)
+  layers = range(sizes.config.num_hidden_layers)
   # Blocks of one kind (dense or MoE) hold the same bytes: ask once per kind.
-  kinds = [isinstance(model, DeepseekV2Config) and model.is_moe_layer(i) for i in layers]
+  kinds = [sizes.is_moe_layer(i) for i in layers]
   first = {kind: kinds.index(kind) for kind in set(kinds)}
-  per_kind = {kind: (sum(activation_memory.residuals(model, i, local).values()),
-                     activation_memory.matmul_outputs(model, i, local),
-                     sum(activation_memory.backward_working_set(model, i, local).values()))
+  per_kind = {kind: (sum(sizes.residuals(i, local).values()), sizes.matmul_outputs(i, local),
+                     sum(sizes.backward_working_set(i, local).values()))
               for kind, i in first.items()}
   residuals = [per_kind[kind][0] for kind in kinds]
-  block_input = local.tokens * model.hidden_size * local.compute_bytes
+  block_input = local.tokens * sizes.config.hidden_size * local.compute_bytes
   if remat == "none" or platform == "cpu":  # XLA:CPU recomputes every block ahead of the backward pass
     kept, recomputed = residuals, [0] * len(residuals)
   elif remat == "block":
@@ -386,8 +314,8 @@ def _peak(model: ModelConfig, remat: str, local: Local, platform: str, microbatc
     kept = [block_input + per_kind[kind][1] for kind in kinds]
     recomputed = [max(r - k, 0) for r, k in zip(residuals, kept)]
   accumulator = param_bytes if microbatches > 1 else 0  # the scan's running gradient sum
-  attention_forward = activation_memory.forward_working_set(model, local)
-  loss = sum(activation_memory.cross_entropy_working_set(model, local).values())
+  attention_forward = sizes.forward_working_set(local)
+  loss = sum(sizes.cross_entropy_working_set(local).values())
   moments = [(accumulator, sum(kept) + attention_forward + layer_weights[-1], "forward of the last block"),
              (accumulator, sum(kept) + loss, "end of forward")]
   grads, kept_below = accumulator + head_grads, sum(kept)
@@ -401,7 +329,7 @@ def _peak(model: ModelConfig, remat: str, local: Local, platform: str, microbatc
   return max(moments, key=lambda m: m[0] + m[1])
 
 
-def _flops(experiment: ExperimentConfig, mesh: dict[str, int], local: Local, layout: dict) -> tuple[float, float]:
+def _flops(experiment: ExperimentConfig, sizes: BlockSizes, mesh: dict[str, int], local: Local) -> tuple[float, float]:
   """(model FLOPs, hardware FLOPs) of one step over all devices."""
   cfg, data, model = experiment.train, experiment.data, experiment.model
   tokens = data.global_batch_size * data.seq_len
@@ -410,17 +338,18 @@ def _flops(experiment: ExperimentConfig, mesh: dict[str, int], local: Local, lay
   recompute = {"none": 0.0, "block": sum(v for k, v in forward.items() if k != "lm_head"),
                "dots": forward["attention_scores"]}[cfg.remat]
   hardware = model_flops + recompute * tokens
-  if isinstance(model, DeepseekV2Config) and forward["routed_experts"]:
+  routed = sizes.routed_experts
+  if routed is not None and forward.get("routed_experts"):
     # Each device runs its experts' share of the rows it dispatches; without an expert axis that is every row.
-    share = (local.experts / model.n_routed_experts) * (local.moe_mlp / model.moe_intermediate_size)
+    share = (local.experts / routed.count) * (local.moe_mlp / routed.expert_hidden)
     devices = math.prod(mesh.values())
     routed_done = devices * cfg.microbatches * local.routed_tokens * share
     hardware += 3.0 * forward["routed_experts"] * max(routed_done - tokens, 0.0)
   return model_flops, hardware
 
 
-def _communication(experiment: ExperimentConfig, mesh: dict[str, int], local: Local, layout: dict,
-                   params: _ParamLayout) -> float:
+def _communication(experiment: ExperimentConfig, sizes: BlockSizes, mesh: dict[str, int], local: Local,
+                   layout: dict, params: _ParamLayout) -> float:
   """Bytes one device sends per step, ring collectives ((n - 1) / n of the data per device)."""
   cfg, model = experiment.train, experiment.model
   micro, c = cfg.microbatches, local.compute_bytes
@@ -436,14 +365,14 @@ def _communication(experiment: ExperimentConfig, mesh: dict[str, int], local: Lo
   tensor = mesh.get("tensor", 1)
   if tensor > 1 and local.heads < model.num_attention_heads:  # two all-reduces of [T, D] per block and pass
     total += micro * model.num_hidden_layers * 2 * uses * 2 * t * d * c * (tensor - 1) / tensor
-  if isinstance(model, DeepseekV2Config) and local.routed_tokens > t and local.experts < model.n_routed_experts:
+  routed = sizes.routed_experts
+  if routed is not None and local.routed_tokens > t and local.experts < routed.count:
     group = local.routed_tokens // t  # token all-gather in, reduce-scatter out, per pass
-    moe_layers = sum(model.is_moe_layer(i) for i in range(model.num_hidden_layers))
+    moe_layers = sum(sizes.is_moe_layer(i) for i in range(model.num_hidden_layers))
     total += micro * moe_layers * uses * 2 * t * d * c * (group - 1)
   context = layout["context"]
   if context > 1:  # keys and values go round the ring; their gradients come back round it
-    kv = (2 * local.kv_heads * model.hidden_size // model.num_attention_heads if hasattr(model, "num_key_value_heads")
-          else local.heads * (model.qk_head_dim + model.v_head_dim))
+    kv = sizes.ring_kv_width(local)
     total += micro * model.num_hidden_layers * (uses + 1) * t * kv * c * (context - 1)
   return total
 
@@ -455,20 +384,15 @@ def stages(experiment: ExperimentConfig) -> list[tuple[str, ExperimentConfig]]:
   """(stage name, the stage's experiment) for a staged recipe; [("", experiment)] otherwise."""
   if not experiment.stages:
     return [("", experiment)]
-  from pretrain.train import stages as stages_lib
-
   return [(s.name, e) for s, (_, e) in zip(experiment.stages, stages_lib.stage_experiments(experiment))]
 
 
 def compare_with_xla(experiment: ExperimentConfig, accel: Accelerator | None = None) -> tuple[Plan, int]:
   """(the plan for this process's devices, the compiled step's bytes per device), for `pretrain plan --xla`."""
-  from pretrain.train import compiled_memory
-
   device = jax.devices()[0]
   accel = accel or Accelerator(device.device_kind, 0, flops.peak_flops_per_device(device)[0], device.platform)
-  mesh = resolve_mesh({a: getattr(experiment.train.mesh, a) for a in sharding.MESH_AXES}, jax.device_count(),
-                      key="config.train.mesh")
-  return plan(experiment, mesh, accel), compiled_memory.compiled_step_memory(experiment).total
+  mesh = sharding.mesh_sizes(dataclasses.asdict(experiment.train.mesh), jax.device_count())
+  return plan(experiment, mesh, accel), compiled.compiled_step_memory(experiment).total
 
 
 def table(plans: Sequence[Plan]) -> str:
