@@ -31,13 +31,14 @@ from pretrain.schema import ConfigError
 
 
 def _split_config_flags(argv: Sequence[str]) -> tuple[list[str], list[str]]:
-  """(--config and --config.* flags, everything else)."""
+  """(--config and --config.* flags, for ml_collections; everything else, for argparse)."""
   config_flags, rest = [], []
   args = list(argv)
   while args:
     arg = args.pop(0)
     if arg == "--config" or (arg.startswith("--config.") and "=" not in arg):
-      config_flags += [arg, args.pop(0)] if args else [arg]
+      # joined: absl would take `--config.a.b false` of a bool field as `--config.a.b` and a stray `false`
+      config_flags.append(f"{arg}={args.pop(0)}" if args else arg)
     elif arg.startswith(("--config=", "--config.")):
       config_flags.append(arg)
     else:
@@ -127,9 +128,8 @@ def cmd_parity(args: argparse.Namespace, config_flags: list[str]) -> None:
 
 def cmd_prepare(args: argparse.Namespace, config_flags: list[str]) -> None:
   from pretrain import config as config_lib
-  from pretrain import schema
   from pretrain.data import workspace
-  from pretrain.data.config import DataConfig
+  from pretrain.data.config import Prepare, SpecialTokens
 
   if args.input:  # an ad-hoc single-component preparation, no config file
     if config_flags:
@@ -144,10 +144,8 @@ def cmd_prepare(args: argparse.Namespace, config_flags: list[str]) -> None:
 
     mixture = Mixture.from_inputs(args.input, domain=args.domain, text_field=args.text_field,
                                   language=args.language)
-    data = schema.parse(DataConfig, {"mixture": "", "prepared_dir": args.out, "tokenizer": args.tokenizer},
-                        "prepare")
-    tokenizer = load_tokenizer(args.tokenizer, data.special_tokens, key="--tokenizer")
-    config = data.prepare if args.workers is None else dataclasses.replace(data.prepare, workers=args.workers)
+    tokenizer = load_tokenizer(args.tokenizer, SpecialTokens(), key="--tokenizer")
+    config = Prepare() if args.workers is None else Prepare(workers=args.workers)
     manifest = prepare.prepare(mixture, args.out, tokenizer, config=config, tokenizer_path=str(tokenizer.path),
                                overwrite_mismatch=args.overwrite_mismatch, log=print)
   else:

@@ -2,7 +2,8 @@
 
 A config file is a small Python file in `configs/` with `get_config(arg=None)` that
 returns an `ml_collections.ConfigDict`; `arg` picks a variant
-(`--config=configs/x.py:runlocal`) and `--config.a.b=value` overrides any field.
+(`--config=configs/x.py:runlocal`) and `--config.a.b=value` overrides any field
+(`ml_collections.config_flags`: each override parsed as the type its field has).
 `load` turns the result into an `ExperimentConfig`, refusing unknown keys, wrong
 types and impossible combinations before any compute.
 """
@@ -12,13 +13,16 @@ from __future__ import annotations
 import ast
 import dataclasses
 import importlib.util
+import re
 import typing
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import ml_collections
-from ml_collections import config_dict
+from absl import flags
+from ml_collections import config_dict, config_flags
+from ml_collections.config_flags import config_path
 
 from pretrain import schema
 from pretrain.data.config import DataConfig
@@ -93,24 +97,119 @@ def as_config_dict(obj: Any) -> Any:
 
 def load(flag_args: Sequence[str], default: Path | None = DEFAULT_CONFIG) -> tuple[ml_collections.ConfigDict,
                                                                                  ExperimentConfig]:
-  """Reads `--config=FILE[:ARG]` and `--config.x.y=V` flags -> (the ConfigDict, its typed form)."""
-  spec, overrides = (str(default) if default else None), []
-  for arg in flag_args:
-    name, eq, value = arg.partition("=")
-    if not eq:
-      raise ConfigError(name, "expected --config=FILE[:ARG] or --config.KEY=VALUE")
-    if name == "--config":
-      spec = value
-    elif name.startswith("--config."):
-      overrides.append((name[len("--config."):].split("."), value))
-    else:
-      raise ConfigError(name, "not a config flag")
-  if spec is None:
+  """Parses `--config=FILE[:ARG]` and `--config.x.y=V` flags with ml_collections -> (the ConfigDict, its typed form)."""
+  argv = ["pretrain", *flag_args]
+  flag_values = flags.FlagValues()  # a fresh one: every call defines its own override flags
+  # ml_collections defines a flag for each `--config.a.b` it finds in sys_argv (sys.argv if not given) when it
+  # loads the config file: at set_default below, or when `--config=` is parsed.
+  config_flags.DEFINE_config_file("config", None, flag_values=flag_values, sys_argv=argv)
+  loaded = []  # what the file parser loaded: an unknown key's error lists the keys there are
+  flag_values["config"].parser = _FileParser(loaded=loaded)
+  try:
+    if default is not None:
+      flag_values.set_default("config", str(default))
+    rest = flag_values(argv)[1:]
+  except (flags.Error, KeyError, AttributeError, IndexError, ValueError) as e:
+    raise _config_error(e, loaded[-1] if loaded else None, flag_args) from None
+  if rest:
+    raise ConfigError(rest[0], "not a config flag; expected --config=FILE[:ARG] or --config.KEY=VALUE")
+  cfg = flag_values["config"].value
+  if cfg is None:
     raise ConfigError("--config", "no config file given")
-  cfg = load_file(spec)
-  for path, value in overrides:
-    override(cfg, path, value)
   return cfg, parse_experiment(cfg)
+
+
+class _FileParser(flags.ArgumentParser):
+  """`--config=FILE[:ARG]` through `load_file` (ml_collections' loader would turn a ConfigError raised by
+  get_config into a traceback in a string, and a missing file into an error only on first use)."""
+
+  def __init__(self, *, loaded: list[ml_collections.ConfigDict]):  # by keyword: absl caches parsers made without
+    self._loaded = loaded
+
+  def parse(self, argument: str) -> ml_collections.ConfigDict:
+    self._loaded.append(load_file(argument))
+    return self._loaded[-1]
+
+  def flag_type(self) -> str:
+    return "config file"
+
+
+class _FieldParser(flags.ArgumentParser):
+  """absl's parser for one field type, plus `None` (clears any field) and an error that names the type."""
+
+  def __init__(self, parse: Callable[[Any], Any], type_name: str):
+    self._parse, self._type_name = parse, type_name
+
+  def parse(self, argument: Any) -> Any:
+    if argument == "None":
+      return None
+    try:
+      return self._parse(argument)
+    except (TypeError, ValueError, SyntaxError) as e:
+      raise ValueError(f"cannot set {argument!r}: expected {self._type_name}") from e
+
+  def flag_type(self) -> str:
+    return self._type_name
+
+
+def _parse_list(argument: Any) -> list:
+  value = ast.literal_eval(argument) if isinstance(argument, str) else argument
+  if not isinstance(value, list):
+    raise ValueError(argument)
+  return value
+
+
+# ml_collections picks an override's parser by the type of the field (tuples keep its TupleParser). These are
+# registered for the whole process; pretrain is config_flags' only user in it.
+for _type, _parse in ((int, flags.IntegerParser().parse), (float, flags.FloatParser().parse),
+                      (bool, flags.BooleanParser().parse), (str, flags.ArgumentParser().parse), (list, _parse_list)):
+  config_flags.register_flag_parser_for_type(_type, _FieldParser(_parse, _type.__name__))
+del _type, _parse
+
+
+def _config_error(e: Exception, cfg: ml_collections.ConfigDict | None, flag_args: Sequence[str]) -> Exception:
+  """An absl or ml_collections error as a ConfigError that names the key; a config file's own error as it is."""
+  if isinstance(e, flags.IllegalFlagValueError) and str(e).startswith("flag --"):  # absl: "flag --NAME=VALUE: why"
+    name, _, rest = str(e)[len("flag --"):].partition("=")
+    if name == "config":  # load_file's ConfigError (a missing file, a bad variant), else a bug in the file
+      return e.__context__ or ConfigError("--config", rest)
+    return ConfigError(name, str(e.__context__) if e.__context__ else rest)
+  if isinstance(e, flags.UnrecognizedFlagError):
+    if cfg is None and e.flagname.startswith("config."):
+      return ConfigError("--config", "no config file given")
+    return ConfigError(f"--{e.flagname}", "not a config flag; expected --config=FILE[:ARG] or --config.KEY=VALUE")
+  if isinstance(e, flags.Error):  # an override before --config, a flag without a value, an unsupported type, ...
+    return ConfigError("--config", str(e).splitlines()[0])
+  if cfg is None:  # raised by the config file itself
+    return e
+  # Looking up an override's field failed (KeyError and friends carry no path): find which.
+  return _unknown_key(cfg, flag_args) or ConfigError("--config", str(e).splitlines()[0])
+
+
+def _unknown_key(cfg: ml_collections.ConfigDict, flag_args: Sequence[str]) -> ConfigError | None:
+  """The first `--config.a.b=V` that names no field of cfg, as an error listing the keys there are."""
+  for arg in flag_args:
+    match = re.match(r"--?(?:no)?config\.([^=]+)", arg)
+    if not match:
+      continue
+    try:
+      parts = config_path.split(match.group(1))
+    except ValueError:
+      return ConfigError(f"config.{match.group(1)}", "not a key path like a.b or a[0].b")
+    node, key = cfg, "config"
+    for part in parts:
+      key += f"[{part}]" if isinstance(part, int) else f".{part}"
+      if isinstance(node, (ml_collections.ConfigDict, dict)) and part in node:
+        node = node[part]
+      elif isinstance(node, (list, tuple)) and isinstance(part, int) and -len(node) <= part < len(node):
+        node = node[part]
+      elif isinstance(node, (list, tuple)):
+        return ConfigError(key, f"no such item; the list has {len(node)}")
+      else:
+        groups = (ml_collections.ConfigDict, dict)
+        allowed = (", ".join(sorted(node.keys())) or "none") if isinstance(node, groups) else "none (not a group)"
+        return ConfigError(key, f"unknown key; allowed keys: {allowed}")
+  return None
 
 
 def load_file(spec: str) -> ml_collections.ConfigDict:
@@ -130,40 +229,3 @@ def call_file_function(spec: str, function: str, key: str) -> Any:
   if not hasattr(module, function):
     raise ConfigError(key, f"{path} defines no {function}(arg=None)")
   return getattr(module, function)(arg or None)
-
-
-def override(cfg: ml_collections.ConfigDict, path: Sequence[str], text: str) -> None:
-  """Sets cfg.<path> from command-line text, parsed as the type the field already has."""
-  node = cfg
-  for i, name in enumerate(path):
-    key = ".".join(["config", *path[:i + 1]])
-    if not isinstance(node, ml_collections.ConfigDict) or name not in node:
-      allowed = ", ".join(sorted(node.keys())) if isinstance(node, ml_collections.ConfigDict) else "none (not a group)"
-      raise ConfigError(key, f"unknown key; allowed keys: {allowed}")
-    if i < len(path) - 1:
-      node = node[name]
-  name = path[-1]
-  field_type = node.get_type(name)
-  try:
-    node[name] = _parse_value(text, field_type)
-  except (TypeError, ValueError, SyntaxError) as e:
-    raise ConfigError(key, f"cannot set {text!r}: expected {getattr(field_type, '__name__', field_type)}") from e
-
-
-def _parse_value(text: str, field_type: Any) -> Any:
-  if text == "None":
-    return None
-  if field_type is bool:
-    if text.lower() not in ("true", "false", "1", "0"):
-      raise ValueError(text)
-    return text.lower() in ("true", "1")
-  if field_type in (int, float):
-    value = ast.literal_eval(text)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (field_type is int and isinstance(value, float)):
-      raise ValueError(text)
-    return field_type(value)
-  if field_type in (tuple, list):
-    return field_type(ast.literal_eval(text))
-  if field_type is str:
-    return text
-  return ast.literal_eval(text)

@@ -43,6 +43,22 @@ def test_optional_fields_can_be_set_and_cleared():
   assert _load(big).model.q_lora_rank == 1536
   assert _load(big, "--config.model.q_lora_rank=None").model.q_lora_rank is None
   assert _load("--config.model.rope_scaling.type=none").model.rope_scaling.type == "none"
+  assert _load("--config.train.init_from=/ckpt/base").train.init_from == "/ckpt/base"  # None in the file
+
+
+def test_overrides_of_bools_tuples_and_list_items():
+  assert _load("--config.model.norm_topk_prob").model.norm_topk_prob is True
+  assert _load("--noconfig.model.norm_topk_prob").model.norm_topk_prob is False
+  assert _load("--config.train.optimizer.no_weight_decay=('a', 'b')").train.optimizer.no_weight_decay == ("a", "b")
+  assert _load("--config.train.axis_rules=(('batch', ('data',)),)").train.axis_rules == (("batch", ("data",)),)
+  local = f"--config={CONFIGS}/recipes/deepseek_coder_v2_lite.py:runlocal"
+  assert [s.steps for s in _load(local, "--config.stages[0].steps=5").stages] == [5, 20, 20]
+  # `--config.a.b VALUE` from the command line, a bool field's too
+  flags, rest = cli._split_config_flags(["describe", "--config", f"{CONFIGS}/default.py:family=qwen2", "--json",
+                                         "--config.model.tie_word_embeddings", "false"])
+  assert rest == ["describe", "--json"]
+  experiment = _load(*flags)
+  assert experiment.model.family == "qwen2" and experiment.model.tie_word_embeddings is False
 
 
 @pytest.mark.parametrize("flags, key, words", [
@@ -64,13 +80,30 @@ def test_optional_fields_can_be_set_and_cleared():
     ([f"--config={CONFIGS}/default.py:family=qwen2", "--config.model.num_key_value_heads=3"],
      "config.model.num_key_value_heads", "allowed values: 1, 2, 4"),
     ([f"--config={CONFIGS}/deepseek_coder_v2.py:runlocal"], "config variant 'runlocal'", "no variants"),
-    (["--config=configs/missing.py"], "--config", "does not exist"),
+    (["--config=configs/missing.py"], "--config", "file configs/missing.py does not exist"),
+    (["--config.train.nope=1"], "config.train.nope", "allowed keys: axis_rules, checkpoint_every"),
+    (["--config.train.steps=abc"], "config.train.steps", "cannot set 'abc': expected int"),
+    (["--config.train.optimizer.peak_learning_rate=fast"], "config.train.optimizer.peak_learning_rate",
+     "expected float"),
+    (["--config.stages[0].steps=1"], "config.stages", "allowed keys: data, model, seed, train"),
+    ([f"--config={CONFIGS}/recipes/deepseek_coder_v2_lite.py:runlocal", "--config.stages[3].steps=1"],
+     "config.stages[3]", "the list has 3"),
+    (["--config.train.steps=3", f"--config={CONFIGS}/default.py"], "--config", "before a value for --config"),
+    (["--config.train.steps"], "--config", "Missing value for flag --config.train.steps"),
+    (["--json"], "--json", "not a config flag"),
 ])
 def test_bad_configs_are_refused_naming_the_key(flags, key, words):
   with pytest.raises(ConfigError) as e:
     _load(*flags)
   assert e.value.key == key
   assert words in str(e.value)
+
+
+def test_without_a_default_a_config_file_is_required():
+  for flags in ([], ["--config.train.steps=3"]):
+    with pytest.raises(ConfigError, match="no config file given") as e:
+      config_lib.load(flags, default=None)
+    assert e.value.key == "--config"
 
 
 def test_schema_rejects_unknown_keys_in_a_config_file(tmp_path):
@@ -102,11 +135,17 @@ def test_describe_prints_counts(capsys):
   assert out["total"] == 15_706_484_224 and 2.4e9 <= out["active"] < 2.5e9  # "2.4B active"
 
 
-def test_cli_bad_config_exits_nonzero_with_one_clear_line():
-  proc = subprocess.run([sys.executable, "-m", "pretrain.cli", "describe", "--config.model.num_experts_per_tok=99"],
-                        capture_output=True, text=True, cwd=ROOT)
+@pytest.mark.parametrize("flag, key", [
+    ("--config.model.num_experts_per_tok=99", "config.model.num_experts_per_tok"),  # the schema's check
+    ("--config.train.nope=1", "config.train.nope"),  # unknown key
+    ("--config.train.steps=abc", "config.train.steps"),  # bad value
+    ("--config=nope.py", "--config: file nope.py does not exist"),
+])
+def test_cli_bad_config_exits_nonzero_with_one_clear_line(flag, key):
+  proc = subprocess.run([sys.executable, "-m", "pretrain.cli", "describe", flag], capture_output=True, text=True,
+                        cwd=ROOT)
   assert proc.returncode == 2
-  assert "config.model.num_experts_per_tok" in proc.stderr and "Traceback" not in proc.stderr
+  assert proc.stderr.startswith(f"pretrain describe: error: {key}") and proc.stderr.count("\n") == 1
 
 
 @pytest.mark.parametrize("file", ["deepseek_coder_v2_lite.py", "deepseek_coder_v2.py"])
