@@ -10,7 +10,7 @@ built-in corpus (60/10/30 code/math/text from files every Python install has), f
 
 import ml_collections
 
-from pretrain.config import as_config_dict, model_config_dict, parse_arg
+from pretrain.config import as_config_dict, model_config_dict, one_of, parse_arg
 from pretrain.data.config import builtin_data
 from pretrain.train.config import OptimizerConfig, TrainConfig
 
@@ -18,7 +18,7 @@ TINY_PRESETS = {"deepseek_v2": "tiny-deepseek-v2", "qwen2": "tiny-qwen2"}
 
 
 def get_config(arg=None):
-  variant = parse_arg(arg, family="deepseek_v2")
+  variant = parse_arg(arg, family=one_of(*TINY_PRESETS))  # the first, deepseek_v2, by default
   config = ml_collections.ConfigDict()
   config.model = model_config_dict(TINY_PRESETS[variant.family])
   # Prepared data and the trained tokenizer are shared by every run of this config (data/config.py).

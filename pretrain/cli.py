@@ -53,6 +53,8 @@ def cmd_train(args: argparse.Namespace, config_flags: list[str]) -> None:
   # Joined before anything touches a device: every process of a pod runs this same command.
   group = distributed.resolve(args.coordinator, args.num_processes, args.process_id)
   distributed.initialize(group, peer_timeout=args.peer_timeout)
+  if args.allow_config_change:
+    config_flags = [*config_flags, "--config.train.allow_config_change=true"]
   _, experiment = config_lib.load(config_flags)
   log = print if distributed.is_main_process() else (lambda *_: None)
   if experiment.stages:
@@ -300,6 +302,8 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, Callable]]:
   p.add_argument("--coordinator", metavar="HOST:PORT", help="multi-process run: process 0's address (every "
                  "process the same), or 'auto' for JAX's cluster detection; default: $PRETRAIN_COORDINATOR, then "
                  "SLURM / Cloud TPU detection, else one process")
+  p.add_argument("--allow_config_change", action="store_true", help="resume even though the data, optimizer or "
+                 "schedule settings differ from the run's experiment.json; each change is recorded there with its step")
   p.add_argument("--num_processes", type=int, help="multi-process run: how many processes in all")
   p.add_argument("--process_id", type=int, help="multi-process run: this process's index, 0..num_processes-1")
   p.add_argument("--peer_timeout", type=int, default=None, metavar="SECONDS",
@@ -358,6 +362,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   if from_command_line and args.command in _STEPPING_COMMANDS:
     host_allocator.reexec_tuned()  # the process starts over, XLA:CPU's step buffers on huge pages
   from pretrain.data.records import CorruptRecordError
+  from pretrain.train.checkpoint import CheckpointSaveError
   from pretrain.train.trainer import BadStepsError
 
   try:
@@ -365,9 +370,12 @@ def main(argv: Sequence[str] | None = None) -> int:
   except (ConfigError, ConversionError, CorruptRecordError, FileNotFoundError, FileExistsError) as e:
     print(f"pretrain {args.command}: error: {e}", file=sys.stderr)
     return 2
-  except BadStepsError as e:  # the run itself went bad, not its input
+  except (BadStepsError, CheckpointSaveError) as e:  # the run itself went bad, not its input
     print(f"pretrain {args.command}: stopped: {e}", file=sys.stderr)
     return 1
+  except KeyboardInterrupt:  # a second Ctrl-C (the first one saves and stops cleanly)
+    print(f"\npretrain {args.command}: interrupted", file=sys.stderr)
+    return 130
   return 0
 
 

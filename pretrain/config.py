@@ -14,6 +14,7 @@ import ast
 import dataclasses
 import importlib.util
 import re
+import traceback
 import typing
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -56,21 +57,48 @@ def parse_experiment(cfg: Any) -> ExperimentConfig:
   return schema.parse(ExperimentConfig, cfg, "config")
 
 
+@dataclasses.dataclass(frozen=True)
+class OneOf:
+  """A config variant that takes one of a few names; the first is the default (see `one_of`)."""
+
+  values: tuple[str, ...]
+
+
+def one_of(*values: str) -> OneOf:
+  """`parse_arg(arg, family=one_of("deepseek_v2", "qwen2"))`: any other name is refused, naming these."""
+  return OneOf(tuple(values))
+
+
+_TRUE, _FALSE = ("", "1", "true", "yes"), ("0", "false", "no")  # a bare `runlocal` is true
+
+
 def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
-  """Parses a config variant string `a=1,b=x,flag` (big_vision style) against typed defaults."""
-  result = ml_collections.ConfigDict(defaults)
+  """Parses a config variant string `a=1,b=x,flag` (big_vision style) against typed defaults; a default made
+  by `one_of(...)` allows only its names."""
+  result = ml_collections.ConfigDict({name: d.values[0] if isinstance(d, OneOf) else d for name, d in defaults.items()})
   for item in filter(None, (arg or "").split(",")):
     name, _, value = item.partition("=")
     if name not in defaults:
       allowed = ", ".join(sorted(defaults)) if defaults else "none (this config has no variants)"
       raise ConfigError(f"config variant {name!r}", f"unknown; allowed: {allowed}")
     default = defaults[name]
-    if isinstance(default, bool):
-      result[name] = value.lower() in ("", "1", "true", "yes")
+    if isinstance(default, OneOf):
+      if value not in default.values:
+        raise ConfigError(f"config variant {name!r}", f"unknown {name} {value!r}; known: {', '.join(default.values)}")
+      result[name] = value
+    elif isinstance(default, bool):
+      if value.lower() not in _TRUE + _FALSE:
+        raise ConfigError(f"config variant {name!r}", f"expected true or false, got {value!r}")
+      result[name] = value.lower() in _TRUE
     elif value == "" and not isinstance(default, str):
       raise ConfigError(f"config variant {name!r}", f"needs a value, e.g. {name}={default}")
+    elif default is None or isinstance(default, str):
+      result[name] = value
     else:
-      result[name] = type(default)(value) if default is not None else value
+      try:
+        result[name] = type(default)(value)
+      except ValueError:
+        raise ConfigError(f"config variant {name!r}", f"expected {type(default).__name__}, got {value!r}") from None
   return result
 
 
@@ -219,13 +247,36 @@ def load_file(spec: str) -> ml_collections.ConfigDict:
 
 
 def call_file_function(spec: str, function: str, key: str) -> Any:
-  """`function(arg)` of the Python file in `FILE[:ARG]` (config and mixture files work this way)."""
+  """`function(arg)` of the Python file in `FILE[:ARG]` (config and mixture files work this way). An error in the
+  file (a syntax error, an exception in `function`) is a ConfigError naming its file and line; a ConfigError the
+  file raises itself (a bad variant) is passed on as it is."""
   path, _, arg = str(spec).partition(":")
   if not Path(path).is_file():
     raise ConfigError(key, f"file {path} does not exist")
   module_spec = importlib.util.spec_from_file_location(f"pretrain_{function}_{Path(path).stem}", path)
   module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  if not hasattr(module, function):
-    raise ConfigError(key, f"{path} defines no {function}(arg=None)")
-  return getattr(module, function)(arg or None)
+  try:
+    module_spec.loader.exec_module(module)
+    if not hasattr(module, function):
+      raise ConfigError(key, f"{path} defines no {function}(arg=None)")
+    return getattr(module, function)(arg or None)
+  except ConfigError:
+    raise
+  except Exception as e:
+    raise ConfigError(key, _where_in_file(e, path)) from e
+
+
+def _where_in_file(e: Exception, path: str) -> str:
+  """'FILE:LINE: Type: message' for an error raised by a config file: for a syntax error, where Python found it;
+  else the innermost frame in the file (the line that called what failed), else the innermost frame of all."""
+  def shown(filename: str | None) -> str | None:  # the file as the user named it
+    return path if filename and Path(filename).resolve() == Path(path).resolve() else filename
+
+  if isinstance(e, SyntaxError):
+    where, message = f"{shown(e.filename)}:{e.lineno}", e.msg
+  else:
+    frames = traceback.extract_tb(e.__traceback__)
+    in_file = [f for f in frames if shown(f.filename) == path] or frames[-1:]
+    where = f"{shown(in_file[-1].filename)}:{in_file[-1].lineno}" if in_file else path
+    message = (str(e).splitlines() or [""])[0]
+  return f"{where}: {type(e).__name__}" + (f": {message}" if message else "")

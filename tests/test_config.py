@@ -1,6 +1,7 @@
 """Config files, command-line overrides, the typed schema, and `pretrain describe`."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -81,7 +82,7 @@ def test_overrides_of_bools_tuples_and_list_items():
      "config.model.num_key_value_heads", "allowed values: 1, 2, 4"),
     ([f"--config={CONFIGS}/deepseek_coder_v2.py:runlocal"], "config variant 'runlocal'", "no variants"),
     (["--config=configs/missing.py"], "--config", "file configs/missing.py does not exist"),
-    (["--config.train.nope=1"], "config.train.nope", "allowed keys: axis_rules, checkpoint_every"),
+    (["--config.train.nope=1"], "config.train.nope", "axis_rules, checkpoint_every"),  # allowed keys
     (["--config.train.steps=abc"], "config.train.steps", "cannot set 'abc': expected int"),
     (["--config.train.optimizer.peak_learning_rate=fast"], "config.train.optimizer.peak_learning_rate",
      "expected float"),
@@ -164,3 +165,105 @@ def test_recipes_hold_the_papers_stages(file):
   assert [(s.carry_optimizer_state, s.rope_scaling is not None) for s in local.stages] == [
       (False, False), (True, True), (True, True)]
   assert [s.seq_len for s in local.stages] == sorted(s.seq_len for s in local.stages)
+
+
+def _cli_error(capsys, *argv):
+  """`pretrain ARGV` in this process: (its exit code, its stderr), the stderr one line."""
+  code = cli.main(list(argv))
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1, err
+  return code, err.rstrip("\n")
+
+
+@pytest.mark.parametrize("sizes, devices, key, message", [
+    # a -1 axis (data, by default) only takes what the others leave: the axis that was set is to blame
+    (dict(data=-1, fsdp=4), 1, "config.train.mesh.fsdp", "fsdp=4 needs a multiple of 4 devices; 1 available"),
+    (dict(data=-1, fsdp=2, expert=4), 12, "config.train.mesh.expert",
+     "fsdp=2 x expert=4 needs a multiple of 8 devices; 12 available"),
+    (dict(data=2, fsdp=4), 1, "config.train.mesh.fsdp", "data=2 x fsdp=4 needs 8 devices; 1 available"),
+    (dict(data=1), 8, "config.train.mesh", "every axis at 1 needs 1 device; 8 available"),
+    (dict(data=-1, fsdp=-1), 8, "config.train.mesh.fsdp", "only one axis may be -1; data, fsdp are"),
+])
+def test_a_mesh_that_does_not_fit_blames_the_axes_that_were_set(sizes, devices, key, message):
+  from pretrain.train import sharding
+
+  with pytest.raises(ConfigError) as e:
+    sharding.mesh_sizes(sizes, devices)
+  assert (e.value.key, str(e.value)) == (key, f"{key}: {message}")
+  with pytest.raises(ConfigError, match=r"^--mesh\.fsdp: fsdp=4 needs"):  # plan's --mesh flag names itself
+    sharding.mesh_sizes({"data": -1, "fsdp": 4}, 2, key="--mesh")
+  assert sharding.mesh_sizes(dict(data=-1, fsdp=4), 8) == dict(data=2, fsdp=4, context=1, tensor=1, expert=1)
+
+
+def test_cli_mesh_too_big_for_the_devices_names_the_axis_set(capsys, tmp_path):
+  import jax
+
+  fsdp = jax.device_count() + 1  # 4 on... any count: n + 1 never divides n
+  code, err = _cli_error(capsys, "train", f"--config.train.mesh.fsdp={fsdp}", f"--config.train.workdir={tmp_path}")
+  assert code == 2
+  assert err == (f"pretrain train: error: config.train.mesh.fsdp: fsdp={fsdp} needs a multiple of {fsdp} devices; "
+                 f"{jax.device_count()} available")
+  assert not any(tmp_path.iterdir())  # refused before anything is written
+
+
+def test_cli_config_file_with_a_syntax_error_is_one_line(capsys, tmp_path):
+  path = tmp_path / "typo.py"
+  path.write_text("import ml_collections\n\ndef get_config(arg=None)\n  return ml_collections.ConfigDict()\n")
+  code, err = _cli_error(capsys, "describe", f"--config={path}")
+  assert code == 2
+  assert err == f"pretrain describe: error: --config: {path}:3: SyntaxError: expected ':'"
+
+
+@pytest.mark.parametrize("body, line, error", [
+    # the innermost line in the file, also when what failed is deeper (here, presets.get)
+    ("def helper(arg):\n  return {'a': 1}[arg]\n\ndef get_config(arg=None):\n  return helper(arg)\n", 2,
+     "KeyError: 'b'"),
+    ("from pretrain.config import model_config_dict\n\ndef get_config(arg=None):\n"
+     "  return {'model': model_config_dict('tiny-llama')}\n", 4,
+     "KeyError: \"unknown model preset 'tiny-llama'; known presets: deepseek-coder-v2"),
+    ("import no_such_module_anywhere\n", 1, "ModuleNotFoundError: No module named 'no_such_module_anywhere'"),
+    ("def get_config(arg=None):\n  raise RuntimeError('first line\\nsecond line')\n", 2, "RuntimeError: first line"),
+])
+def test_cli_config_file_that_raises_is_one_line_naming_file_and_line(capsys, tmp_path, body, line, error):
+  path = tmp_path / "broken.py"
+  path.write_text(body)
+  code, err = _cli_error(capsys, "describe", f"--config={path}:b")
+  assert code == 2
+  assert err.startswith(f"pretrain describe: error: --config: {path}:{line}: {error}")
+
+
+def test_mixture_file_errors_name_file_and_line_and_its_own_errors_pass_through(tmp_path):
+  from pretrain.data import mixture as mixture_lib
+
+  path = tmp_path / "mix.py"
+  path.write_text("def get_mixture(arg=None):\n  return {'name': 'm', 'components': [] + None}\n")
+  with pytest.raises(ConfigError) as e:
+    mixture_lib.load(str(path))
+  assert e.value.key == "mixture"
+  assert str(e.value).startswith(f"mixture: {path}:2: TypeError: can only concatenate list")
+  with pytest.raises(ConfigError) as e:  # the file's own ConfigError, unchanged
+    mixture_lib.load(str(ROOT / "data_mixtures" / "deepseek_coder_v2.py"))
+  assert e.value.key == "mixture deepseek_coder_v2" and "give the path of your code, math, text data" in str(e.value)
+
+
+@pytest.mark.parametrize("variant, message", [
+    ("family=llama", "config variant 'family': unknown family 'llama'; known: deepseek_v2, qwen2"),
+    ("colour=red", "config variant 'colour': unknown; allowed: family"),
+])
+def test_cli_unknown_variant_names_the_allowed_ones(capsys, variant, message):
+  code, err = _cli_error(capsys, "describe", f"--config={CONFIGS}/default.py:{variant}")
+  assert code == 2
+  assert err == f"pretrain describe: error: {message}"
+
+
+def test_variant_values_are_checked_against_their_defaults():
+  assert config_lib.parse_arg(None, family=config_lib.one_of("a", "b")).family == "a"  # the first by default
+  assert config_lib.parse_arg("family=b", family=config_lib.one_of("a", "b")).family == "b"
+  assert config_lib.parse_arg("runlocal", runlocal=False).runlocal is True
+  assert config_lib.parse_arg("runlocal=no", runlocal=True).runlocal is False
+  assert config_lib.parse_arg("seed=3,dir=x", seed=0, dir="").to_dict() == {"seed": 3, "dir": "x"}
+  for arg, defaults, message in [("runlocal=maybe", dict(runlocal=False), "expected true or false, got 'maybe'"),
+                                 ("seed=abc", dict(seed=0), "expected int, got 'abc'"),
+                                 ("seed", dict(seed=0), "needs a value, e.g. seed=0")]:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+      config_lib.parse_arg(arg, **defaults)

@@ -82,6 +82,11 @@ class TrainConfig:
   init_read_window_mib: int = 256
   # With init_from a run's work directory: also continue its Adam moments (the schedule starts afresh).
   init_optimizer_state: bool = False
+  # Resume from this checkpoint step instead of the newest one that restores (0: the newest).
+  resume_step: int = 0
+  # Resuming with other data, optimizer or schedule settings than experiment.json's is refused; with this,
+  # each change is recorded there ("changes", with the step it took effect) and the run goes on.
+  allow_config_change: bool = False
   # Hugging Face exports in <workdir>/hf/<step>/, written by all processes from the step's checkpoint:
   export_hf: bool = False  # of the last step (each stage's, in a staged recipe)
   export_hf_every: int = 0  # and of every step that is a multiple of this (0: none)
@@ -94,6 +99,8 @@ class TrainConfig:
                  "max_bad_steps", "init_read_window_mib"):
       if getattr(self, name) < 1:
         raise ConfigError(f"{key}.{name}", f"must be >= 1, got {getattr(self, name)}")
+    if self.resume_step < 0:
+      raise ConfigError(f"{key}.resume_step", f"must be >= 0 (0: the newest checkpoint), got {self.resume_step}")
     if self.export_hf_every < 0:
       raise ConfigError(f"{key}.export_hf_every", f"must be >= 0 (0: no periodic exports), got {self.export_hf_every}")
 

@@ -40,14 +40,15 @@ def mesh_sizes(sizes: Mapping[str, int], devices: int | None, key: str = "config
     if size == 0 or size < -1:
       raise ConfigError(f"{key}.{axis}", f"must be positive or -1, got {size}")
   fixed = math.prod(size for size in sizes.values() if size != -1)
+  if devices is not None and (devices % fixed if free else devices != fixed):
+    # Blame the axes set above 1 (the -1 axis only takes what they leave), the largest in the key.
+    set_axes = {axis: size for axis, size in sizes.items() if size > 1}
+    named = f"{key}.{max(set_axes, key=set_axes.get)}" if set_axes else key
+    what = " x ".join(f"{axis}={size}" for axis, size in set_axes.items()) or "every axis at 1"
+    need = f"a multiple of {fixed} devices" if free else f"{fixed} device{'s' if fixed > 1 else ''}"
+    raise ConfigError(named, f"{what} needs {need}; {devices} available")
   if free:
-    if devices is not None and devices % fixed:
-      raise ConfigError(f"{key}.{free[0]}", f"the other axes take {fixed} devices, which does not divide "
-                        f"the {devices} available")
     sizes[free[0]] = 1 if devices is None else devices // fixed
-  if devices is not None and math.prod(sizes.values()) != devices:
-    raise ConfigError(key, f"{' x '.join(f'{a}={s}' for a, s in sizes.items())} = "
-                      f"{math.prod(sizes.values())} devices, but {devices} are available")
   return sizes
 
 

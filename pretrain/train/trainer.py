@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import signal
+import sys
 import time
 from typing import Any
 
@@ -85,12 +86,14 @@ def train(experiment: ExperimentConfig, *, log=print) -> dict[str, Any]:
     init_params = checkpoint.load_init_params(cfg.init_from,
                                               param_shapes.placed(plan.abstract_params, plan.param_shardings),
                                               read_window_bytes=cfg.init_read_window_mib * 2**20, log=log)
-  _check_workdir(workdir, experiment)  # the first write to the work directory
-  checkpoints = checkpoint.Checkpoints(workdir, cfg)
+  if cfg.resume_step and not resuming:
+    raise ConfigError("config.train.resume_step", f"{workdir} holds no checkpoint to resume from")
+  changes = _check_workdir(workdir, experiment)  # the first write to the work directory
+  checkpoints = checkpoint.Checkpoints(workdir, cfg, log=log)
   if resuming:
-    latest = checkpoints.latest_step()
-    state = checkpoints.restore(latest, plan.abstract_state, data_iter)
+    latest, state = checkpoints.restore_latest(plan.abstract_state, data_iter, _resume_step(workdir, cfg, log))
     log(f"resumed from {checkpoints.directory}/{latest}")
+    _record_changes(workdir, experiment, changes, latest, log)
   elif cfg.init_from and cfg.init_optimizer_state:
     state = jax.jit(step.restart_state, out_shardings=state_shardings, donate_argnums=(0,))(init_state)
     log(f"initialised parameters and optimizer moments from {cfg.init_from}")
@@ -187,8 +190,9 @@ def _loop(experiment, state, train_step, data_iter, checkpoints, batch_sharding,
                    flops_per_token=flops.flops_per_token(experiment.model, data.seq_len), peak_flops=peak)
   writer = metrics.MetricsWriter(cfg.workdir)
   progress = metrics.Progress(cfg.steps, start_step=start) if jax.process_index() == 0 else None
-  stop = _StopOnSigterm()
+  stop = _StopOnSignal()
   pending, last, step_start = None, {}, time.perf_counter()
+  failed = True
   try:
     for number in range(start, cfg.steps):
       host_batch = next(data_iter)
@@ -196,6 +200,7 @@ def _loop(experiment, state, train_step, data_iter, checkpoints, batch_sharding,
         host_batch = context_parallel.to_zigzag(host_batch, context_ways)
       batch = global_batch.to_global(host_batch, batch_sharding)
       state, step_metrics = train_step(state, batch)
+      checkpoints.check()  # a background save that failed stops the run now, not at the next save
       if pending is not None:  # the previous step's metrics, read while this one runs
         last = report(*pending, writer, progress)
       now = time.perf_counter()
@@ -206,13 +211,18 @@ def _loop(experiment, state, train_step, data_iter, checkpoints, batch_sharding,
       if export_due:
         _export(cfg, number + 1, checkpoints, log)
       if stop.requested:
-        log(f"SIGTERM: saved step {number + 1}; run the same command to continue")
+        log(f"{stop.requested}: saved step {number + 1}; run the same command to continue")
         break
     if pending is not None:
       last = report(*pending, writer, progress)
+    failed = False
   finally:
-    checkpoints.wait()
-    checkpoints.close()
+    try:
+      checkpoints.wait()
+      checkpoints.close()
+    except checkpoint.CheckpointSaveError:
+      if not failed:  # else the loop's own error (the same failed save, say) is the one to see
+        raise
     writer.close()
     if progress is not None:
       progress.close()
@@ -292,8 +302,18 @@ def _state_shardings(tx, abstract_state, param_shardings, mesh):
   return dict(jax.tree.map(lambda _: replicated, abstract_state), params=param_shardings, opt_state=opt_state)
 
 
-def _check_workdir(workdir: epath.Path, experiment: ExperimentConfig) -> None:
-  """A work directory belongs to one model: resuming it with another is refused before anything runs.
+# What a resumed run must keep to stay the run experiment.json records (beside the model): its data and
+# order, and its optimizer and schedule. How it computes (mesh, remat, micro-batches, kernels), where things
+# are (paths of prepared data and tokenizer), how often it saves and logs may change freely.
+RESUME_KEYS = ("seed", "data.mixture", "data.train_tokenizer_vocab_size", "data.special_tokens", "data.seq_len",
+               "data.global_batch_size", "data.weights", "data.min_length", "data.add_bos", "data.seed",
+               "data.streams", "train.steps", "train.optimizer")
+
+
+def _check_workdir(workdir: epath.Path, experiment: ExperimentConfig) -> list[dict[str, Any]]:
+  """A work directory belongs to one model, and a resumed run to its recorded settings: resuming it with
+  another model is refused before anything runs, and with other RESUME_KEYS settings unless
+  `train.allow_config_change`. Returns those changes (key, recorded value, new value).
 
   Every process checks (they all see the same directory); process 0 writes, then all meet, so the
   barrier is reached on every path that does not raise.
@@ -301,28 +321,102 @@ def _check_workdir(workdir: epath.Path, experiment: ExperimentConfig) -> None:
   file = workdir / EXPERIMENT_FILE
   wanted = schema.to_dict(experiment.model)
   fresh = not file.exists()
+  changes = []
   if not fresh:
-    found = json.loads(file.read_text()).get("model", {})
+    record = json.loads(file.read_text())
+    found = record.get("model", {})
     ignored = ("dtype", "moe_implementation", "attention_implementation")  # how it computes, not what it is
     differ = sorted(k for k in wanted if found.get(k) != wanted[k] and k not in ignored)
     if differ:
       raise ConfigError(f"config.model.{differ[0]}", f"{workdir} holds a run of another model ({differ[0]} "
                         f"{found.get(differ[0])!r} there, {wanted[differ[0]]!r} here); use another workdir")
+    recorded, now = _flat(record), _flat(schema.to_dict(experiment))
+    changes = [{"key": key, "from": recorded.get(key), "to": now.get(key)}
+               for key in sorted(set(recorded) | set(now))
+               if key.startswith(RESUME_KEYS) and _resume_key(key) and recorded.get(key) != now.get(key)]
+    if changes and not experiment.train.allow_config_change:
+      first = changes[0]
+      raise ConfigError(f"config.{first['key']}", f"{first['to']!r} here, but {workdir} was run with "
+                        f"{first['from']!r} ({file}); resuming would silently make it another run. Use another "
+                        "workdir, or pass --allow_config_change (config.train.allow_config_change) to resume with "
+                        "the change recorded" + (f" ({len(changes)} settings differ)" if len(changes) > 1 else ""))
   if fresh and distributed.is_main_process():
     with atomic_file(file) as tmp:
       tmp.write_text(json.dumps(schema.to_dict(experiment), indent=2) + "\n")
   distributed.barrier("work directory")
+  return changes
 
 
-class _StopOnSigterm:
-  """A preemption notice: finish the current step, save, exit 0."""
+def _resume_step(workdir: epath.Path, cfg: TrainConfig, log) -> int:
+  """`resume_step`, once: the same command run again after a preemption continues from its newest checkpoint
+  rather than going back to that step again. experiment.json records the steps resumed from by hand."""
+  if not cfg.resume_step:
+    return 0
+  file = workdir / EXPERIMENT_FILE
+  record = json.loads(file.read_text())
+  if cfg.resume_step in record.get("resumed_by_hand", []):
+    log(f"resume_step {cfg.resume_step} was applied before (experiment.json); resuming from the newest checkpoint")
+    return 0
+  distributed.barrier("resume_step read")  # every process has read the record before process 0 rewrites it
+  if distributed.is_main_process():
+    record["resumed_by_hand"] = record.get("resumed_by_hand", []) + [cfg.resume_step]
+    with atomic_file(file) as tmp:
+      tmp.write_text(json.dumps(record, indent=2) + "\n")
+  return cfg.resume_step
+
+
+def _resume_key(key: str) -> bool:
+  """Whether a flattened key is one of RESUME_KEYS or under one (data.seq_len, not data.seq_len_x)."""
+  return any(key == k or key.startswith(k + ".") for k in RESUME_KEYS)
+
+
+def _record_changes(workdir: epath.Path, experiment: ExperimentConfig, changes: list[dict[str, Any]], step: int,
+                    log) -> None:
+  """experiment.json takes the new settings, and its "changes" list says what changed at which step."""
+  if not changes:
+    return
+  for change in changes:
+    log(f"step {step}: config.{change['key']} changed from {change['from']!r} to {change['to']!r} "
+        "(allow_config_change; recorded in experiment.json)")
+  if distributed.is_main_process():
+    file = workdir / EXPERIMENT_FILE
+    record = json.loads(file.read_text())  # its resumed_by_hand, and earlier changes, stay
+    history = record.get("changes", []) + [dict(change, step=step) for change in changes]
+    record.update(schema.to_dict(experiment), changes=history)
+    with atomic_file(file) as tmp:
+      tmp.write_text(json.dumps(record, indent=2) + "\n")
+  distributed.barrier("experiment changes recorded")
+
+
+def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
+  """{"a": {"b": 1}} -> {"a.b": 1}; lists and other leaves as they are."""
+  out = {}
+  for key, value in tree.items():
+    if key in ("changes", "resumed_by_hand") and not prefix:
+      continue
+    if isinstance(value, dict) and value:
+      out.update(_flat(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = value
+  return out
+
+
+class _StopOnSignal:
+  """A preemption notice (SIGTERM) or a first Ctrl-C (SIGINT): finish the current step, save, exit 0.
+  A second Ctrl-C exits at once, as Python does by default."""
 
   def __init__(self):
-    self.requested = False
-    self._previous = signal.signal(signal.SIGTERM, self._handle)
+    self.requested = ""  # the signal's name, once one came
+    self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
 
   def _handle(self, signum, frame):
-    self.requested = True
+    if self.requested and signum == signal.SIGINT:
+      raise KeyboardInterrupt
+    self.requested = signal.Signals(signum).name
+    if signum == signal.SIGINT:
+      print("\nSIGINT: saving at the end of this step, then stopping; press Ctrl-C again to stop at once",
+            file=sys.stderr, flush=True)
 
   def restore(self) -> None:
-    signal.signal(signal.SIGTERM, self._previous)
+    for sig, previous in self._previous.items():
+      signal.signal(sig, previous)
