@@ -130,7 +130,7 @@ def cmd_parity(args: argparse.Namespace, config_flags: list[str]) -> None:
 
 def cmd_prepare(args: argparse.Namespace, config_flags: list[str]) -> None:
   from pretrain import config as config_lib
-  from pretrain.data import workspace
+  from pretrain.data import prepare, workspace
   from pretrain.data.config import Prepare, SpecialTokens
 
   if args.input:  # an ad-hoc single-component preparation, no config file
@@ -140,24 +140,38 @@ def cmd_prepare(args: argparse.Namespace, config_flags: list[str]) -> None:
                                         ("--out", args.out)) if not value]
     if missing:
       raise ConfigError("prepare", f"--input needs {', '.join(missing)}")
-    from pretrain.data import prepare
     from pretrain.data.mixture import Mixture
     from pretrain.data.tokenizer import load_tokenizer
 
     mixture = Mixture.from_inputs(args.input, domain=args.domain, text_field=args.text_field,
                                   language=args.language)
     tokenizer = load_tokenizer(args.tokenizer, SpecialTokens(), key="--tokenizer")
-    config = Prepare() if args.workers is None else Prepare(workers=args.workers)
+    config = Prepare(**({} if args.workers is None else {"workers": args.workers}),
+                     skip_corrupt_records=args.skip_corrupt_records, fallback_encoding=args.fallback_encoding)
+    try:
+      config.validate("prepare")
+    except ConfigError as e:  # named by its flag here
+      flag = {"prepare.fallback_encoding": "--fallback-encoding"}.get(e.key, e.key)
+      raise ConfigError(flag, str(e).removeprefix(f"{e.key}: ")) from None
     manifest = prepare.prepare(mixture, args.out, tokenizer, config=config, tokenizer_path=str(tokenizer.path),
                                overwrite_mismatch=args.overwrite_mismatch, log=print)
   else:
+    # Config keys, not flags, with a config: `pretrain train` prepares from the config alone, and a directory
+    # prepared with other settings than its config's is refused there.
+    for flag, key, given in (("--skip-corrupt-records", "skip_corrupt_records=True", args.skip_corrupt_records),
+                             ("--fallback-encoding", "fallback_encoding=CODEC", args.fallback_encoding)):
+      if given:
+        raise ConfigError(flag, f"only with --input; with a config set --config.data.prepare.{key}")
     _, experiment = config_lib.load(config_flags)
     if experiment.data is None:
       raise ConfigError("config.data", "this config has no data section to prepare")
     _, _, manifest = workspace.ensure_prepared(experiment.data, workers=args.workers,
                                                overwrite_mismatch=args.overwrite_mismatch)
   for name, component in manifest["components"].items():
-    print(f"{name:<10} {component['documents_written']:>9,} documents  {component['tokens_written']:>13,} tokens")
+    fallback = component.get("fallback_decoded", {})
+    notes = prepare.file_notes(component["skipped"], fallback.get("files", 0), fallback.get("encoding"))
+    print(f"{name:<10} {component['documents_written']:>9,} documents  {component['tokens_written']:>13,} tokens"
+          + (f"  ({notes})" if notes else ""))
 
 
 def cmd_tokenizer(args: argparse.Namespace, config_flags: list[str]) -> None:
@@ -334,6 +348,11 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, Callable]]:
   p.add_argument("--out", metavar="DIR", help="output directory, for --input")
   p.add_argument("--text-field", default="text", help="JSONL key / Parquet column of the text (default: text)")
   p.add_argument("--language", default="", help="language of JSONL/Parquet documents")
+  p.add_argument("--skip-corrupt-records", "--skip_corrupt_records", action="store_true",
+                 help="with --input: count and skip unreadable JSONL lines, Parquet rows and files instead of failing")
+  p.add_argument("--fallback-encoding", metavar="CODEC", default=None,
+                 help="with --input: decode source files that are not UTF-8 with CODEC (e.g. cp1252, latin-1, "
+                 "shift_jis) instead of skipping them")
   p = sub.add_parser("tokenizer", help="tokenizer tools")
   tokenizer_sub = p.add_subparsers(dest="tokenizer_command", required=True)
   t = tokenizer_sub.add_parser("train", help="train a byte-exact sentencepiece BPE model with BOS/EOS/PAD and FIM "

@@ -301,9 +301,184 @@ def test_corrupt_parquet_and_gzip_files(inputs, tmp_path):
   with pytest.raises(sources.CorruptInputError, match=r"math\.parquet#0: unreadable Parquet"):
     run(inputs, tmp_path / "a")
   (inputs / "more.jsonl.gz").write_bytes(gzip.compress(b'{"text": "a"}\n' * 50)[:40])  # truncated
-  manifest = run(inputs, tmp_path / "b", skip_corrupt_records=True)
+  with pytest.raises(ConfigError, match=r"component 'math' .* skipped 1 corrupt file; nothing was written"):
+    run(inputs, tmp_path / "b", skip_corrupt_records=True)  # its only input skipped: nothing to prepare
+  pq.write_table(pa.table({"text": MATH}), inputs / "more.parquet")
+  manifest = run(inputs, tmp_path / "b", skip_corrupt_records=True,
+                 mixture=make_mixture(inputs, math=["math.parquet", "more.parquet"]))
   assert manifest["components"]["math"]["skipped"]["corrupt_files"] == 1
   assert manifest["components"]["text"]["skipped"]["corrupt_files"] == 1
+
+
+# Preparing nothing (issue 14.6): an error naming the component and why, with nothing written.
+def one_component(root: pathlib.Path, *paths: str, domain: str = "code") -> Mixture:
+  return schema.parse(Mixture, {"name": "m", "root": str(root), "components": [
+      {"name": "only", "domain": domain, "weight": 1.0, "inputs": list(paths)}]})
+
+
+def make_empty(root):
+  (root / "src").mkdir()
+
+
+def make_binaries(root):
+  (root / "src").mkdir()
+  (root / "src" / "a.c").write_bytes(random.Random(0).randbytes(4000) + b"\0")
+  (root / "src" / "b.py").write_bytes(b"x = 1\0")
+
+
+def make_random_file(root):
+  (root / "src").mkdir()
+  (root / "src" / "noise.py").write_bytes(bytes(b or 1 for b in random.Random(1).randbytes(4000)))  # no NUL byte
+
+
+def make_latin1(root):
+  (root / "src").mkdir()
+  (root / "src" / "latin1.py").write_bytes(LATIN1)
+
+
+def make_filtered(root):
+  (root / "src").mkdir()
+  (root / "src" / "empty.py").write_text("\n\n")
+  (root / "src" / "tiny.json").write_text('{"name": "value"}')
+  (root / "src" / "notes.txt.bak").write_text("not a source file")
+
+
+LATIN1 = "# G\xe9rard's caf\xe9\ncaf\xe9 = 'cr\xe8me br\xfbl\xe9e'\n".encode("latin-1")
+
+
+@pytest.mark.parametrize("make, why", [
+    (make_empty, r"0 files found, 0 documents read; nothing was written"),
+    (make_binaries, r"2 files found, 0 documents read; skipped 2 binary files; nothing was written"),
+    (make_random_file, r"1 file found, 0 documents read; skipped 1 file not UTF-8; set "
+                       r"config\.data\.prepare\.fallback_encoding .*; nothing was written"),
+    (make_latin1, r"1 file found, 0 documents read; skipped 1 file not UTF-8; set "
+                  r"config\.data\.prepare\.fallback_encoding \(or --fallback-encoding\), e\.g\. cp1252, .*"),
+    (make_filtered, r"3 files found, 2 documents read; skipped 1 file of unknown type; dropped 1 empty, "
+                    r"1 json_yaml_size; .*give \.jsonl and \.parquet files as inputs; nothing was written"),
+], ids=["empty", "binaries", "random_bytes", "latin1", "filtered"])
+def test_component_without_documents_is_an_error(tmp_path, make, why):
+  root, out = tmp_path / "in", tmp_path / "out"
+  root.mkdir()
+  make(root)
+  with pytest.raises(ConfigError, match=r"^mixture m\.components\[0\]: component 'only' \(inputs: src\) yields "
+                     r"no document: " + why):
+    run(root, out, mixture=one_component(root, "src"))
+  assert not out.exists()  # no plan.json, no manifest, no component directory
+
+
+def test_random_bytes_are_not_text_in_a_single_byte_fallback(tmp_path):
+  root, out = tmp_path / "in", tmp_path / "out"
+  root.mkdir()
+  make_random_file(root)  # latin-1 maps every byte, but to control characters too
+  with pytest.raises(ConfigError, match=r"skipped 1 file not UTF-8 nor latin-1 text; nothing was written"):
+    run(root, out, mixture=one_component(root, "src"), fallback_encoding="latin-1")
+  assert not out.exists()
+
+
+def test_corrupt_records_only(tmp_path):
+  root, out = tmp_path / "in", tmp_path / "out"
+  root.mkdir()
+  (root / "noise.jsonl").write_bytes(random.Random(2).randbytes(3000).replace(b"\0", b"\n"))
+  with pytest.raises(sources.CorruptInputError, match=r"noise\.jsonl:1: .*--skip-corrupt-records"):
+    run(root, out, mixture=one_component(root, "noise.jsonl", domain="text"))
+  with pytest.raises(ConfigError, match=r"component 'only' \(inputs: noise\.jsonl\) yields no document: 1 file found, "
+                     r"0 documents read; skipped \d+ corrupt records; nothing was written"):
+    run(root, out, mixture=one_component(root, "noise.jsonl", domain="text"), skip_corrupt_records=True)
+  assert not out.exists()
+
+
+def test_one_empty_component_fails_the_mixture_before_any_write(inputs, tmp_path):
+  make_binaries(tmp_path)
+  out = tmp_path / "out"
+  mixture = make_mixture(inputs, text=[str(tmp_path / "src")])
+  with pytest.raises(ConfigError, match=r"components\[1\]: component 'text' .* skipped 2 binary files"):
+    run(inputs, out, mixture=mixture)
+  assert not out.exists()  # not even the good components' shards
+  # A directory prepared before keeps what it holds, even when told to overwrite a mismatch.
+  first = run(inputs, out)
+  before = shard_files(out)
+  with pytest.raises(ConfigError, match="component 'text'"):
+    prepare.prepare(mixture, out, ByteTokenizer(), config=Prepare(workers=1), tokenizer_path="bytes",
+                    overwrite_mismatch=True)
+  assert shard_files(out) == before and json.loads((out / "manifest.json").read_text()) == first
+
+
+def test_latin1_source_decoded_by_fallback(inputs, tmp_path):
+  (inputs / "src" / "latin1.py").write_bytes(LATIN1)
+  manifest = run(inputs, tmp_path / "out", fallback_encoding="latin-1")
+  code = manifest["components"]["code"]
+  assert code["skipped"]["undecodable_files"] == 0 and code["skipped"]["binary_files"] == 1
+  assert code["fallback_decoded"] == {"encoding": "latin-1", "files": 1}
+  assert code["documents_read"] == 8
+  texts = [bytes(d.tokens.astype(np.uint8)).decode() for d in read_documents(tmp_path / "out", "code")]
+  assert LATIN1.decode("latin-1") in texts
+  assert prepare.file_notes(code["skipped"], 1, "latin-1") == (
+      "skipped 1 binary file, 1 file of unknown type; decoded as latin-1: 1 file")
+
+
+def test_fallback_left_unset_keeps_the_plan_of_before(inputs, tmp_path):
+  """Directories prepared before `fallback_encoding` existed stay valid: unset, it is not in the plan."""
+  run(inputs, tmp_path / "out")
+  plan = json.loads((tmp_path / "out" / "plan.json").read_text())
+  assert "fallback_encoding" not in plan["config"]
+  manifest = run(inputs, tmp_path / "other", fallback_encoding="cp1252")
+  assert json.loads((tmp_path / "other" / "plan.json").read_text())["config"]["fallback_encoding"] == "cp1252"
+  assert manifest["components"]["code"]["fallback_decoded"] == {"encoding": "cp1252", "files": 1}
+  with pytest.raises(ConfigError, match=r"prepare\.fallback_encoding: 'rot13' is not a text encoding"):
+    run(inputs, tmp_path / "bad", fallback_encoding="rot13")
+
+
+# The command line: one line and exit 2 for nothing to prepare; the skip and fallback settings as flags.
+@pytest.fixture(scope="module")
+def tokenizer_json(tmp_path_factory):
+  import tiny_tokenizers
+
+  return str(tiny_tokenizers.build_byte_level_bpe(tmp_path_factory.mktemp("bpe")))
+
+
+def prepare_cli(tokenizer_json, out, *args):
+  from pretrain import cli
+
+  return cli.main(["prepare", "--domain", "code", "--tokenizer", tokenizer_json, "--out", str(out), "--workers", "1",
+                   *args])
+
+
+def test_cli_empty_input_exits_2_with_one_line(tmp_path, tokenizer_json, capsys):
+  make_binaries(tmp_path)
+  out = tmp_path / "out"
+  assert prepare_cli(tokenizer_json, out, "--input", str(tmp_path / "src")) == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and err.startswith("pretrain prepare: error: mixture inputs.components[0]: component "
+                                                  f"'code' (inputs: {tmp_path / 'src'}) yields no document: 2 files")
+  assert not out.exists()
+
+
+def test_cli_fallback_encoding(tmp_path, tokenizer_json, capsys):
+  make_latin1(tmp_path)
+  (tmp_path / "src" / "blob.c").write_bytes(b"int x;\0")
+  assert prepare_cli(tokenizer_json, tmp_path / "a", "--input", str(tmp_path / "src")) == 2
+  assert "skipped 1 binary file, 1 file not UTF-8; set config.data.prepare.fallback_encoding" in capsys.readouterr().err
+  assert prepare_cli(tokenizer_json, tmp_path / "b", "--input", str(tmp_path / "src"), "--fallback-encoding",
+                     "latin-1") == 0
+  assert "code               1 documents" in (out := capsys.readouterr().out)
+  assert "(skipped 1 binary file; decoded as latin-1: 1 file)" in out
+  assert prepare_cli(tokenizer_json, tmp_path / "c", "--input", str(tmp_path / "src"), "--fallback-encoding",
+                     "nope") == 2
+  assert "--fallback-encoding: 'nope' is not a text encoding" in capsys.readouterr().err
+
+
+def test_cli_skip_corrupt_records(inputs, tmp_path, tokenizer_json, capsys):
+  corrupt_jsonl(inputs)
+  jsonl = str(inputs / "text.jsonl")
+  assert prepare_cli(tokenizer_json, tmp_path / "a", "--input", jsonl) == 2
+  assert "pass --skip-corrupt-records to `pretrain prepare --input`" in capsys.readouterr().err
+  for flag in ("--skip_corrupt_records", "--skip-corrupt-records"):
+    assert prepare_cli(tokenizer_json, tmp_path / flag, "--input", jsonl, flag) == 0
+    assert "3 documents" in (out := capsys.readouterr().out) and "(skipped 2 corrupt records)" in out
+  from pretrain import cli
+
+  assert cli.main(["prepare", "--config=configs/default.py", "--skip-corrupt-records"]) == 2  # a config key there
+  assert "set --config.data.prepare.skip_corrupt_records=True" in capsys.readouterr().err
 
 
 def test_rerun_with_other_inputs_or_config_refused(inputs, tmp_path):

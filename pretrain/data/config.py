@@ -61,6 +61,20 @@ class Prepare:
   docs_per_shard: int = 2000
   workers: int = 0  # 0: every core
   skip_corrupt_records: bool = False  # count and skip an unreadable JSONL line / Parquet row instead of failing
+  # A source file that is not UTF-8 is counted and skipped; with a codec name here ("cp1252", "latin-1",
+  # "shift_jis") it is decoded with that instead, when that gives text without control characters. One
+  # codec, not a guess per file: detection misreads the few accented letters of a mostly-ASCII file.
+  fallback_encoding: str | None = None
+
+  def validate(self, key: str) -> None:
+    if self.fallback_encoding is not None:
+      try:
+        b"a".decode(self.fallback_encoding)  # LookupError for an unknown codec and for bytes-to-bytes ones
+      except UnicodeDecodeError:
+        pass  # a text codec that needs more than one byte (utf-16)
+      except LookupError:
+        raise ConfigError(f"{key}.fallback_encoding", f"{self.fallback_encoding!r} is not a text encoding "
+                          "Python knows (e.g. cp1252, latin-1, shift_jis)") from None
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -10,7 +10,12 @@ Per component, two passes over its input files (`sources.Unit`s) on a process po
      documents, each with its stats beside it (parent).
 `manifest.json` then sums it all up. Dedup is within a component, never across.
 
-Resuming: `plan.json`, written first, fingerprints the inputs (paths, sizes, mtimes), the
+Pass 1 runs for every component before anything is written: a component left with no document
+(no files, only binary or undecodable ones, every document filtered or a duplicate) is a
+ConfigError naming it and the counts of why, and leaves no `plan.json`, no component
+directory and no manifest behind.
+
+Resuming: `plan.json`, written before any shard, fingerprints the inputs (paths, sizes, mtimes), the
 tokenizer, the components and the config. A rerun with the same fingerprint reuses the saved
 selections and every finished shard (a shard and its `.stats.json` both present; each is
 written under a temporary name and renamed); another fingerprint is refused unless
@@ -48,6 +53,7 @@ FORMAT = 1
 MAX_NOT_BYTE_EXACT = 0.01  # above this fraction of a component's kept documents, the tokenizer is lossy
 DROP_REASONS = ("empty", *filters.RULES, "exact_duplicate", "near_duplicate", "tokenizer_not_byte_exact")
 SKIP_REASONS = ("unknown_type_files", "binary_files", "undecodable_files", "corrupt_records", "corrupt_files")
+_LATER_SETTINGS = ("fallback_encoding",)  # Prepare fields left out of plan and manifest while None (_config_dict)
 
 
 class Tokenizer(Protocol):
@@ -63,6 +69,7 @@ def prepare(mixture: Mixture, out_dir, tokenizer: Tokenizer, *, config: Prepare,
             overwrite_mismatch: bool = False, log: Callable[[str], None] | None = None) -> dict:
   """Prepares every component of `mixture` into `out_dir`; returns the manifest (also in manifest.json)."""
   log = log or (lambda message: None)
+  config.validate("prepare")
   out = pathlib.Path(out_dir)
   units, skipped_files = {}, {}
   for i, component in enumerate(mixture.components):
@@ -70,16 +77,22 @@ def prepare(mixture: Mixture, out_dir, tokenizer: Tokenizer, *, config: Prepare,
       raise ConfigError(f"mixture {mixture.name}.components[{i}].name", "'.' and '..' cannot name a directory")
     units[component.name], skipped_files[component.name] = sources.plan_units(mixture, i)
   plan = _plan(mixture, units, tokenizer, tokenizer_path, config)
-  _claim(out, plan, mixture, overwrite_mismatch)
+  old, problem = _check_claim(out, plan, mixture, overwrite_mismatch)
+  reuse = old is not None and problem is None  # saved selections are this plan's
   workers = config.workers or os.cpu_count() or 1
   components = {}
   with _pool(workers, tokenizer, config) as pool:
+    selections = {c.name: _select(out / c.name / SELECTION if reuse else None, c, units[c.name],
+                                  skipped_files[c.name], pool, workers, config, log) for c in mixture.components}
+    _check_documents(mixture, units, selections, config)  # before anything is written
+    _claim(out, plan, mixture, old, problem)
     for component in mixture.components:
       directory = out / component.name
-      selection = _select(directory, component, units[component.name], skipped_files[component.name], pool,
-                          workers, config, log)
+      selection = selections[component.name]
+      if not (directory / SELECTION).exists():
+        _save_selection(directory / SELECTION, selection)
       shards = _write_shards(directory, component, units[component.name], selection, pool, workers, config, log)
-      components[component.name] = _component_manifest(component, mixture, selection["stats"], shards)
+      components[component.name] = _component_manifest(component, mixture, selection["stats"], shards, config)
   manifest = _manifest(mixture, plan, config, components)
   _write_json(out / MANIFEST, manifest)
   log(f"wrote {out / MANIFEST}: {manifest['documents_written']} documents, {manifest['tokens_written']} tokens")
@@ -100,7 +113,8 @@ def _scan(task: tuple[sources.Unit, str]) -> tuple[list[tuple], dict]:
   tokenizer, config = _WORKER["tokenizer"], _WORKER["config"]
   skipped = collections.Counter()
   docs = []
-  for doc in sources.read_unit(unit, skipped, skip_corrupt=config.skip_corrupt_records):
+  for doc in sources.read_unit(unit, skipped, skip_corrupt=config.skip_corrupt_records,
+                               fallback_encoding=config.fallback_encoding):
     reason = digest = hashvalues = None
     if not doc.text.strip():
       reason = "empty"
@@ -123,8 +137,9 @@ def _tokenize(task: tuple[sources.Unit, list[int], list[int]]) -> list[tuple]:
   tokenizer, config = _WORKER["tokenizer"], _WORKER["config"]
   wanted = dict(zip(positions, ordinals))
   out = []
-  for position, doc in enumerate(sources.read_unit(unit, collections.Counter(),
-                                                   skip_corrupt=config.skip_corrupt_records)):
+  documents = sources.read_unit(unit, collections.Counter(), skip_corrupt=config.skip_corrupt_records,
+                                fallback_encoding=config.fallback_encoding)
+  for position, doc in enumerate(documents):
     if position in wanted:
       tokens = np.asarray(tokenizer.encode(tokenizer.normalize(doc.text)), np.int32)
       reason = ("empty" if not tokens.size else
@@ -166,10 +181,10 @@ def _chunksize(tasks: int, workers: int) -> int:
 
 
 # Pass 1: selection.
-def _select(directory: pathlib.Path, component: Component, units: list[sources.Unit],
+def _select(path: pathlib.Path | None, component: Component, units: list[sources.Unit],
             skipped_files: collections.Counter, pool, workers: int, config: Prepare, log) -> dict:
-  path = directory / SELECTION
-  if path.exists():
+  """The kept documents' places and the counts of the rest: read from `path` if saved there, else computed."""
+  if path is not None and path.exists():
     with np.load(path) as saved:
       return {"stats": json.loads(str(saved["stats"])), "unit": saved["unit"], "position": saved["position"]}
   log(f"{component.name}: reading, filtering and deduplicating {len(units)} files")
@@ -191,11 +206,77 @@ def _select(directory: pathlib.Path, component: Component, units: list[sources.U
         kept_position.append(position)
   stats = {"skipped": {r: skipped[r] for r in SKIP_REASONS},
            "by_language": {language: dict(counts) for language, counts in sorted(by_language.items())}}
+  if config.fallback_encoding:  # (without one, the selection saved is what it was before the setting existed)
+    stats["fallback_decoded_files"] = skipped["fallback_decoded_files"]
   selection = {"stats": stats, "unit": np.asarray(kept_unit, np.int64), "position": np.asarray(kept_position, np.int64)}
-  with atomic_file(path) as tmp, open(tmp, "wb") as f:
-    np.savez(f, stats=np.asarray(json.dumps(stats)), unit=selection["unit"], position=selection["position"])
-  log(f"{component.name}: kept {len(kept_unit)} of {sum(c['documents_read'] for c in by_language.values())} documents")
+  notes = file_notes(stats["skipped"], stats.get("fallback_decoded_files", 0), config.fallback_encoding)
+  log(f"{component.name}: kept {len(kept_unit)} of {sum(c['documents_read'] for c in by_language.values())} documents"
+      + (f" ({notes})" if notes else ""))
   return selection
+
+
+def _save_selection(path: pathlib.Path, selection: dict) -> None:
+  with atomic_file(path) as tmp, open(tmp, "wb") as f:
+    np.savez(f, stats=np.asarray(json.dumps(selection["stats"])), unit=selection["unit"],
+             position=selection["position"])
+
+
+_SKIPPED_WORDS = {"binary_files": ("binary file", ""), "undecodable_files": ("file", " not UTF-8"),
+                  "unknown_type_files": ("file", " of unknown type"), "corrupt_records": ("corrupt record", ""),
+                  "corrupt_files": ("corrupt file", "")}
+
+
+def _count(n: int, noun: str) -> str:
+  return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def file_notes(skipped: dict, fallback_decoded: int = 0, fallback_encoding: str | None = None) -> str:
+  """What a component's files came to besides documents, in words: 'skipped 2 binary files, 1 file not UTF-8;
+  decoded as cp1252: 3 files'. Empty when every file was read as UTF-8."""
+  skips = []
+  for reason in ("binary_files", "undecodable_files", "unknown_type_files", "corrupt_files", "corrupt_records"):
+    if skipped.get(reason):
+      noun, rest = _SKIPPED_WORDS[reason]
+      if reason == "undecodable_files" and fallback_encoding:
+        rest += f" nor {fallback_encoding} text"
+      skips.append(_count(skipped[reason], noun) + rest)
+  notes = [f"skipped {', '.join(skips)}"] if skips else []
+  if fallback_decoded:
+    notes.append(f"decoded as {fallback_encoding}: {_count(fallback_decoded, 'file')}")
+  return "; ".join(notes)
+
+
+def _check_documents(mixture: Mixture, units: dict[str, list[sources.Unit]], selections: dict[str, dict],
+                     config: Prepare) -> None:
+  """Refuses a mixture with a component that keeps no document: preparing nothing is a mistake in the inputs."""
+  empty = [i for i, c in enumerate(mixture.components) if not len(selections[c.name]["unit"])]
+  if not empty:
+    return
+  i = empty[0]
+  component = mixture.components[i]
+  stats = selections[component.name]["stats"]
+  skipped = stats["skipped"]
+  read = sum(c.get("documents_read", 0) for c in stats["by_language"].values())
+  dropped = collections.Counter()
+  for counts in stats["by_language"].values():
+    dropped.update({r: n for r, n in counts.items() if r != "documents_read"})
+  files = len(units[component.name]) + skipped.get("unknown_type_files", 0)
+  why = [f"{_count(files, 'file')} found, {_count(read, 'document')} read"]
+  notes = file_notes(skipped, stats.get("fallback_decoded_files", 0), config.fallback_encoding)
+  why += [notes] if notes else []
+  if dropped:
+    why.append("dropped " + ", ".join(f"{dropped[r]} {r}" for r in DROP_REASONS if dropped[r]))
+  if skipped.get("undecodable_files") and not config.fallback_encoding:
+    why.append("set config.data.prepare.fallback_encoding (or --fallback-encoding), e.g. cp1252, to decode files "
+               "that are not UTF-8")
+  if skipped.get("unknown_type_files"):
+    why.append("a directory's files are read as source files by extension; give .jsonl and .parquet files as inputs")
+  also = [mixture.components[j].name for j in empty[1:]]
+  if also:
+    why.append(f"nor do {', '.join(repr(n) for n in also)}")
+  raise ConfigError(f"mixture {mixture.name}.components[{i}]",
+                    f"component {component.name!r} (inputs: {', '.join(component.inputs)}) yields no document: "
+                    f"{'; '.join(why)}; nothing was written")
 
 
 # Pass 2: tokenized shards.
@@ -272,7 +353,7 @@ def _plan(mixture: Mixture, units: dict[str, list[sources.Unit]], tokenizer: Tok
       "tokenizer": {**tokenizer.describe(), "path": str(tokenizer_path), "sha256": _file_digest(tokenizer_path)},
       "components": {c.name: {"domain": c.domain, "language": c.language, "text_field": c.text_field}
                      for c in mixture.components},
-      "config": {k: v for k, v in schema.to_dict(config).items() if k != "workers"},  # workers: same output
+      "config": {k: v for k, v in _config_dict(config).items() if k != "workers"},  # workers: same output
   }
   # The tokenizer is known by its contents: the same file elsewhere makes the same tokens.
   fingerprinted = {**parts, "tokenizer": {k: v for k, v in parts["tokenizer"].items() if k != "path"}}
@@ -280,6 +361,12 @@ def _plan(mixture: Mixture, units: dict[str, list[sources.Unit]], tokenizer: Tok
                  for k, v in fingerprinted.items()}
   return {"format": FORMAT, "mixture": mixture.name, "fingerprint": fingerprint,
           **{k: parts[k] for k in ("tokenizer", "components", "config")}}
+
+
+def _config_dict(config: Prepare) -> dict:
+  """The settings as plan and manifest record them. One added since FORMAT 1 appears only when set, so that a
+  directory prepared before it existed still matches its plan, and its manifest reads the same."""
+  return {k: v for k, v in schema.to_dict(config).items() if not (k in _LATER_SETTINGS and v is None)}
 
 
 def _size_and_mtime(path: str) -> tuple[int, int]:
@@ -303,9 +390,9 @@ def _prepared_files(directory: pathlib.Path) -> list[pathlib.Path]:
   return [p for pattern in patterns for p in directory.glob(pattern)] if directory.is_dir() else []
 
 
-def _claim(out: pathlib.Path, plan: dict, mixture: Mixture, overwrite: bool) -> None:
-  """Makes `out` this plan's directory: refuses (or with `overwrite`, clears) one prepared otherwise."""
-  out.mkdir(parents=True, exist_ok=True)
+def _check_claim(out: pathlib.Path, plan: dict, mixture: Mixture, overwrite: bool) -> tuple[dict | None, str | None]:
+  """(the plan `out` holds or None, what stands against making it this plan's); refuses one prepared otherwise
+  unless `overwrite`. Writes nothing."""
   old = json.loads((out / PLAN).read_text()) if (out / PLAN).exists() else None
   names = set(mixture.names) | set((old or {}).get("components", {}))
   if old is not None and old.get("fingerprint") != plan["fingerprint"]:
@@ -318,6 +405,13 @@ def _claim(out: pathlib.Path, plan: dict, mixture: Mixture, overwrite: bool) -> 
   if problem and not overwrite:
     raise FileExistsError(f"{problem}; refusing to mix them. Prepare into another directory, or overwrite "
                           "it (overwrite_mismatch) to delete its prepared components and start over")
+  return old, problem
+
+
+def _claim(out: pathlib.Path, plan: dict, mixture: Mixture, old: dict | None, problem: str | None) -> None:
+  """Makes `out` this plan's directory; with a `problem` (overwrite_mismatch), clears what it held first."""
+  out.mkdir(parents=True, exist_ok=True)
+  names = set(mixture.names) | set((old or {}).get("components", {}))
   if problem:
     for path in [out / MANIFEST, *(p for n in names for p in _prepared_files(out / n))]:
       path.unlink(missing_ok=True)
@@ -346,7 +440,8 @@ def _counts(flat: dict) -> dict:
           "tokens_written": flat.get("tokens_written", 0)}
 
 
-def _component_manifest(component: Component, mixture: Mixture, selection_stats: dict, shards: list[dict]) -> dict:
+def _component_manifest(component: Component, mixture: Mixture, selection_stats: dict, shards: list[dict],
+                        config: Prepare) -> dict:
   flat: dict[str, dict] = {}
   _sum_into(flat, selection_stats["by_language"])
   for shard in shards:
@@ -355,8 +450,12 @@ def _component_manifest(component: Component, mixture: Mixture, selection_stats:
   total = _counts({})
   for counts in by_language.values():
     _sum_into(total, counts)
+  # Only with a fallback set, so that a manifest prepared without one reads as before it existed.
+  fallback = {"fallback_decoded": {"encoding": config.fallback_encoding,
+                                   "files": selection_stats.get("fallback_decoded_files", 0)}
+              } if config.fallback_encoding else {}
   return {"domain": component.domain, "inputs": [str(p) for p in mixture.input_paths(component)],
-          **total, "skipped": selection_stats["skipped"], "by_language": by_language,
+          **total, "skipped": selection_stats["skipped"], **fallback, "by_language": by_language,
           "shards": [{"path": s["path"], "documents": s["documents_written"], "tokens": s["tokens_written"]}
                      for s in shards]}
 
@@ -371,7 +470,7 @@ def _manifest(mixture: Mixture, plan: dict, config: Prepare, components: dict[st
       _sum_into(by_language.setdefault(language, {}), {k: counts[k] for k in keys})
   totals = {k: sum(c[k] for c in components.values()) for k in keys}
   return {"format": FORMAT, "mixture": mixture.name, "tokenizer": plan["tokenizer"],
-          "config": schema.to_dict(config), **totals, "by_domain": by_domain,
+          "config": _config_dict(config), **totals, "by_domain": by_domain,
           "by_language": dict(sorted(by_language.items())), "components": components}
 
 

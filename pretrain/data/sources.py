@@ -7,8 +7,12 @@ so the document order (and with it which duplicate is kept) never depends on the
 that is one huge JSONL file prepares on one core: split it into parts to use them all.
 
 Source files get their language from the extension or the file name; files of unknown type
-are skipped, and binary or non-UTF-8 ones too, and both are counted. A JSONL row's language
-is the component's `language`, else the row's `language` field, else "unknown".
+are skipped, and binary ones (a NUL byte in the first 8 KiB) too, all counted. A source file
+that is not UTF-8 is decoded with `fallback_encoding` (Prepare.fallback_encoding) when one is
+set and the text it gives has no control characters, and counted as `fallback_decoded_files`;
+otherwise it is skipped and counted as undecodable. JSONL and Parquet text is UTF-8 by their
+specs: no fallback there. A JSONL row's language is the component's `language`, else the row's
+`language` field, else "unknown".
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import gzip
 import json
 import os
 import pathlib
+import re
 import zlib
 from collections.abc import Iterator
 
@@ -29,6 +34,9 @@ from pretrain.data.mixture import Mixture
 from pretrain.schema import ConfigError
 
 SKIPPED_DIRS = {"__pycache__"}  # and every hidden directory (.git, .venv, ...)
+# C0 controls but tab, newline, vertical tab, form feed, carriage return and escape: text has none of these,
+# and a single-byte fallback like latin-1 decodes any bytes, binary ones too.
+_CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0e-\x1a\x1c-\x1f]")
 
 
 class CorruptInputError(ConfigError):
@@ -109,17 +117,18 @@ def plan_units(mixture: Mixture, index: int) -> tuple[list[Unit], collections.Co
   return units, skipped
 
 
-def read_unit(unit: Unit, skipped: collections.Counter, *, skip_corrupt: bool) -> Iterator[RawDocument]:
-  """The documents of one unit in file order; counts what it skips in `skipped`."""
+def read_unit(unit: Unit, skipped: collections.Counter, *, skip_corrupt: bool,
+              fallback_encoding: str | None = None) -> Iterator[RawDocument]:
+  """The documents of one unit in file order; counts what it skips (and decodes by the fallback) in `skipped`."""
   if unit.kind == "source":
-    yield from _read_source(unit, skipped)
+    yield from _read_source(unit, skipped, fallback_encoding)
   elif unit.kind == "jsonl":
     yield from _read_jsonl(unit, skipped, skip_corrupt)
   else:
     yield from _read_parquet(unit, skipped, skip_corrupt)
 
 
-def _read_source(unit: Unit, skipped: collections.Counter) -> Iterator[RawDocument]:
+def _read_source(unit: Unit, skipped: collections.Counter, fallback_encoding: str | None) -> Iterator[RawDocument]:
   data = pathlib.Path(unit.path).read_bytes()
   if b"\0" in data[:8192]:
     skipped["binary_files"] += 1
@@ -127,14 +136,30 @@ def _read_source(unit: Unit, skipped: collections.Counter) -> Iterator[RawDocume
   try:
     text = data.decode("utf-8")
   except UnicodeDecodeError:
-    skipped["undecodable_files"] += 1
-    return
+    text = _decode_fallback(data, fallback_encoding)
+    if text is None:
+      skipped["undecodable_files"] += 1
+      return
+    skipped["fallback_decoded_files"] += 1
   yield RawDocument(text.removeprefix("\ufeff"), unit.language, unit.path)
+
+
+def _decode_fallback(data: bytes, encoding: str | None) -> str | None:
+  """`data` decoded with `encoding`, or None: no fallback, bytes it does not map, or control characters."""
+  if encoding is None:
+    return None
+  try:
+    text = data.decode(encoding)
+  except UnicodeDecodeError:
+    return None
+  return None if _CONTROL_CHARACTERS.search(text) else text
 
 
 def _corrupt(where: str, message: str, skip_corrupt: bool, skipped: collections.Counter, what: str) -> None:
   if not skip_corrupt:
-    raise CorruptInputError(where, f"{message} (set skip_corrupt_records to count and skip it)")
+    raise CorruptInputError(where, f"{message} (to count and skip it, set "
+                            "config.data.prepare.skip_corrupt_records=True, or pass --skip-corrupt-records to "
+                            "`pretrain prepare --input`)")
   skipped[what] += 1
 
 
