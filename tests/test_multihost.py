@@ -105,6 +105,25 @@ def test_two_processes_save_are_killed_resume_and_match_one_process_on_four_devi
 
 
 @pytest.mark.slow
+def test_a_checkpoint_only_one_process_cannot_restore_is_moved_aside_and_both_resume_from_the_one_before(
+    data_dir, tmp_path):
+  reference = tmp_path / "one_process"
+  finish([start(write_config(tmp_path / "one.py", data_dir, reference), 4)])
+  pod = tmp_path / "two_processes"
+  config = write_config(tmp_path / "two.py", data_dir, pod)
+  finish(start_pod(config, free_port()))
+  # Process 1's data-iterator state of the last step is gone: process 0 alone could restore it.
+  (pod / "checkpoints" / str(STEPS) / "data" / "process_1-of-2.json").unlink()
+  outs = finish(start_pod(config, free_port()))
+  assert f"moved the checkpoint of step {STEPS} to {pod / 'checkpoints_aside' / str(STEPS)}" in outs[0], outs[0]
+  assert f"resumed from {pod / 'checkpoints'}/{STEPS - 2}" in outs[0], outs[0]
+  assert complete_checkpoints(pod)[-1] == STEPS
+  want, got = losses(reference), losses(pod)
+  for step in want:
+    assert got[step] == pytest.approx(want[step], abs=1e-5), step
+
+
+@pytest.mark.slow
 def test_a_process_whose_peer_dies_exits_with_an_error_instead_of_hanging(data_dir, tmp_path):
   workdir = tmp_path / "run"
   config = write_config(tmp_path / "config.py", data_dir, workdir)

@@ -26,6 +26,7 @@ latest checkpoint).
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import re
@@ -37,12 +38,14 @@ import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+import tensorstore as ts
 from flax import nnx
 
 from pretrain import storage
 from pretrain.convert import hf_import, orbax_io
 from pretrain.convert.errors import ConversionError
 from pretrain.schema import ConfigError
+from pretrain.train import distributed
 from pretrain.train import workdir as workdir_layout
 from pretrain.train.config import TrainConfig
 
@@ -173,18 +176,31 @@ class Checkpoints:
       failures = [(step, f"newer than resume_step {resume_step}") for step in steps if step > resume_step]
       steps = [resume_step]
     for step in steps:
-      try:
-        state, error = self.restore(step, abstract_state, data_iter), None
-      except Exception as e:  # a damaged step fails in Orbax, tensorstore or Grain, each its own way
-        state, error = None, e
-      if _all_processes(error is None):
+      # Files checked first, by every process: a restore that fails on one process alone would leave the
+      # others waiting in Orbax's collectives.
+      missing = _missing_or_truncated(self.directory / str(step))
+      state, error = None, None
+      failed_on = _failed_processes(missing is None)  # every process calls each collective: no short-circuits
+      if not failed_on:
+        try:
+          state = self.restore(step, abstract_state, data_iter)
+        except Exception as e:  # a damaged step fails in Orbax, tensorstore or Grain, each its own way
+          error = e
+        failed_on = _failed_processes(error is None)
+      restored = not failed_on
+      why = missing or (_one_line(_root_cause(error)) if error is not None else "")
+      if why and jax.process_count() > 1 and not distributed.is_main_process():  # process 0 logs the rest
+        print(f"process {jax.process_index()}: checkpoint {self.directory / str(step)} does not restore: {why}",
+              file=sys.stderr, flush=True)
+      if not why:
+        why = f"it does not restore on process {', '.join(map(str, failed_on))} (see that process's log)"
+      if restored:
         for failed, why in failures:
           self._move_aside(failed, why)
         if failures:
           self.manager.close()
           self.manager = self._open()  # it listed the steps moved aside
         return step, state
-      why = _one_line(_root_cause(error)) if error is not None else "another process could not restore it"
       if resume_step:
         raise ConfigError("config.train.resume_step", f"checkpoint {self.directory / str(step)} does not restore: "
                           f"{why}")
@@ -202,6 +218,63 @@ class Checkpoints:
       target.parent.mkdir(parents=True, exist_ok=True)
       (self.directory / str(step)).rename(target)
     self._log(f"moved the checkpoint of step {step} to {target} ({why}); resuming from an earlier step")
+
+
+def _missing_or_truncated(step_dir) -> str | None:
+  """What of checkpoint `step_dir` that this process reads is missing or shorter than its index says, or None.
+
+  Reads only metadata: the step's and the state's metadata files, this process's data-iterator state,
+  and the state's OCDBT b-tree, whose every value reference (file, offset, length) is checked against
+  the data file's size.
+  """
+  data = step_dir / "data" / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+  for file in (step_dir / "_CHECKPOINT_METADATA", step_dir / "state" / "_METADATA", data):
+    if not file.exists():
+      return f"{file} is missing"
+    try:
+      json.loads(file.read_text())
+    except ValueError as e:
+      return f"{file} is not valid JSON ({e})"
+  state = step_dir / "state"
+  base = str(state) if storage.is_url(state) else f"file://{state}"
+  try:
+    store = ts.KvStore.open(base.rstrip("/") + "/").result()
+    manifest = ts.ocdbt.dump(store).result()
+    roots = [v["root"]["location"] for v in manifest.get("versions", [])[-1:] if v.get("root", {}).get("location")]
+    sizes: dict[str, int] = {}
+    pending = list(roots)
+    while pending:
+      location = pending.pop()
+      problem = _check_reference(state, location, sizes)
+      if problem:
+        return problem
+      node = ts.ocdbt.dump(store, location).result()
+      for entry in node.get("entries", []):
+        reference = entry.get("indirect_value") or entry.get("node")
+        if isinstance(reference, str):
+          if reference.startswith("btreenode:"):
+            pending.append(reference)
+          else:
+            problem = _check_reference(state, reference, sizes)
+            if problem:
+              return f"{problem} (array {entry.get('key', b'').decode(errors='replace')})"
+  except ValueError as e:  # tensorstore: a node or the manifest unreadable
+    return _one_line(e)
+  return None
+
+
+def _check_reference(state, location: str, sizes: dict[str, int]) -> str | None:
+  """`kind:base/:file:offset:length` (an OCDBT value or node reference): its bytes exist in the file."""
+  _, base, file, offset, length = location.split(":")[-5:]
+  path = state / base / file if base else state / file
+  key = str(path)
+  if key not in sizes:
+    sizes[key] = path.stat().length if path.exists() else -1
+  if sizes[key] < 0:
+    return f"{path} is missing"
+  if sizes[key] < int(offset) + int(length):
+    return f"{path} is truncated ({sizes[key]} bytes; the index reads up to byte {int(offset) + int(length)})"
+  return None
 
 
 def _state_bytes(state) -> int:
@@ -263,13 +336,13 @@ def _one_line(error: BaseException) -> str:
   return f"{type(error).__name__}: {text[0].rstrip('.') if text else ''}"[:400]
 
 
-def _all_processes(ok: bool) -> bool:
-  """Whether `ok` holds on every process (the same answer on each)."""
+def _failed_processes(ok: bool) -> list[int]:
+  """The processes where `ok` is false (the same answer on each process)."""
   if jax.process_count() == 1:
-    return ok
+    return [] if ok else [0]
   from jax.experimental import multihost_utils
 
-  return bool(np.all(multihost_utils.process_allgather(np.asarray(ok))))
+  return [int(i) for i in np.flatnonzero(~np.asarray(multihost_utils.process_allgather(np.asarray(ok))))]
 
 
 def has_checkpoints(workdir) -> bool:

@@ -21,7 +21,7 @@ from pretrain import storage
 from pretrain.atomic_file import atomic_file
 from pretrain.config import ExperimentConfig
 from pretrain.schema import ConfigError
-from pretrain.train import distributed, trainer
+from pretrain.train import distributed, run_lock, trainer
 from pretrain.train import workdir as workdir_layout
 
 DONE_FILE = workdir_layout.DONE_FILE
@@ -68,7 +68,13 @@ def with_rope_scaling(model, rope_scaling):
 
 
 def run(experiment: ExperimentConfig, *, log=print) -> dict[str, Any]:
-  """Runs the unfinished stages in order; returns the last stage's last metrics."""
+  """Runs the unfinished stages in order; returns the last stage's last metrics. The recipe's root is held
+  (run_lock.py) for the whole run, each stage's work directory by its own `trainer.train`."""
+  with run_lock.hold(storage.as_path(experiment.train.workdir), "config.train.workdir", log=log):
+    return _run_stages(experiment, log)
+
+
+def _run_stages(experiment: ExperimentConfig, log) -> dict[str, Any]:
   last: dict[str, Any] = {}
   plan = stage_experiments(experiment)
   for i, (workdir, stage_experiment) in enumerate(plan):

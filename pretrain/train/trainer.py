@@ -6,8 +6,9 @@
   at the end, and on SIGTERM).
 
 Everything that can be wrong with the config (mesh, batch split, tokenizer size,
-init_from, an existing run of another model) is checked before the work directory is
-written to and before any compute.
+init_from, an existing run of another model or other settings) is checked before the work
+directory is written to and before any compute; only the run's lock on it (run_lock.py) is
+taken first, and removed again on the way out.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from pretrain.data import batch as batch_lib
 from pretrain.data import global_batch, pipeline, workspace
 from pretrain.models import attention, causal_lm, context_parallel
 from pretrain.schema import ConfigError
-from pretrain.train import checkpoint, distributed, flops, metrics, optimizer, sharding, step
+from pretrain.train import checkpoint, distributed, flops, metrics, optimizer, run_lock, sharding, step
 from pretrain.train import workdir as workdir_layout
 from pretrain.train.config import TrainConfig
 
@@ -53,6 +54,13 @@ def train(experiment: ExperimentConfig, *, log=print) -> dict[str, Any]:
     raise ConfigError("config.train" if cfg is None else "config.data", "training needs this section")
   workdir = storage.as_path(cfg.workdir)  # local, or a gs:// bucket; a missing or refused bucket stops here
   storage.check_bucket(workdir, "config.train.workdir", schemes=checkpoint.Checkpoints.URL_SCHEMES)
+  with run_lock.hold(workdir, "config.train.workdir", log=log):  # one run per work directory, until it exits
+    return _train(experiment, workdir, log)
+
+
+def _train(experiment: ExperimentConfig, workdir: epath.Path, log) -> dict[str, Any]:
+  """`train`, once this run holds the work directory."""
+  cfg, data, model_config = experiment.train, experiment.data, experiment.model
 
   # 1. Mesh and batch split: checked before anything is written.
   mesh = sharding.make_mesh(cfg.mesh)
