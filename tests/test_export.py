@@ -126,7 +126,7 @@ def test_export_refusals_name_the_problem_and_leave_nothing(pod_run, tmp_path, c
   cases = [
       (["--from-orbax", str(workdir), "--to-hf", str(tmp_path / "full")], "full: already exists"),
       (["--from-orbax", str(workdir), "--step", "3", "--to-hf", str(tmp_path / "a")], "no checkpoint of step 3"),
-      (["--from-orbax", str(tmp_path), "--to-hf", str(tmp_path / "b")], "neither a model checkpoint"),
+      (["--from-orbax", str(tmp_path), "--to-hf", str(tmp_path / "b")], "is neither a Hugging Face directory"),
       (["--from-orbax", str(workdir), "--to-hf", str(tmp_path / "c"), "--dtype", "int8"], "int8"),
   ]
   for args, message in cases:

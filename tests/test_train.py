@@ -158,12 +158,14 @@ def test_eight_devices_match_one_within_1e5_and_checkpoints_move_between_meshes(
   _run_on_eight_devices(experiment_dict(data_dir, tmp_path / "eight", steps=3, mesh=eight_way), tmp_path)
   one, eight = metrics(tmp_path / "one"), metrics(tmp_path / "eight")
   np.testing.assert_allclose([r["loss"] for r in eight], [r["loss"] for r in one], atol=1e-5)
-  # A 1-device checkpoint continues on 8 devices (and the reverse) as it does on 1.
+  # A 1-device checkpoint continues on 8 devices (and the reverse) as it does on 1 (each extended to 5 steps,
+  # a schedule change the resume must be allowed to make).
   shutil.copytree(tmp_path / "one", tmp_path / "one_then_eight")
   shutil.copytree(tmp_path / "eight", tmp_path / "eight_then_one")
-  trainer.train(experiment(data_dir, tmp_path / "one", steps=5), log=lambda m: None)
-  _run_on_eight_devices(experiment_dict(data_dir, tmp_path / "one_then_eight", steps=5, mesh=eight_way), tmp_path)
-  trainer.train(experiment(data_dir, tmp_path / "eight_then_one", steps=5), log=lambda m: None)
+  longer = {"steps": 5, "allow_config_change": True}
+  trainer.train(experiment(data_dir, tmp_path / "one", **longer), log=lambda m: None)
+  _run_on_eight_devices(experiment_dict(data_dir, tmp_path / "one_then_eight", mesh=eight_way, **longer), tmp_path)
+  trainer.train(experiment(data_dir, tmp_path / "eight_then_one", **longer), log=lambda m: None)
   expected = [r["loss"] for r in metrics(tmp_path / "one")][-2:]
   for run in ("one_then_eight", "eight_then_one"):
     np.testing.assert_allclose([r["loss"] for r in metrics(tmp_path / run)][-2:], expected, atol=1e-5, err_msg=run)
