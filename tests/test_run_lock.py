@@ -51,7 +51,11 @@ def start_holder(workdir, tmp_path: pathlib.Path, name: str, go: str = "-") -> s
 
 
 def record(workdir) -> dict:
-  return json.loads((storage.as_path(workdir) / run_lock.LOCK_FILE).read_text())
+  """The lock's record, read in one request by the lock's own store (a HEAD then a GET, as s3fs reads, can
+  straddle a heartbeat's replace)."""
+  found = run_lock._store(storage.as_path(workdir)).read()
+  assert found is not None, f"{workdir} holds no lock"
+  return json.loads(found.raw)
 
 
 def write_record(workdir, **changes) -> run_lock.Owner:
