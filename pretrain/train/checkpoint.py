@@ -180,13 +180,13 @@ class Checkpoints:
       # others waiting in Orbax's collectives.
       missing = _missing_or_truncated(self.directory / str(step))
       state, error = None, None
-      failed_on = _failed_processes(missing is None)  # every process calls each collective: no short-circuits
+      failed_on = distributed.processes_where_false(missing is None)  # every process calls each collective: no short-circuits
       if not failed_on:
         try:
           state = self.restore(step, abstract_state, data_iter)
         except Exception as e:  # a damaged step fails in Orbax, tensorstore or Grain, each its own way
           error = e
-        failed_on = _failed_processes(error is None)
+        failed_on = distributed.processes_where_false(error is None)
       restored = not failed_on
       why = missing or (_one_line(_root_cause(error)) if error is not None else "")
       if why and jax.process_count() > 1 and not distributed.is_main_process():  # process 0 logs the rest
@@ -335,14 +335,6 @@ def _one_line(error: BaseException) -> str:
   text = str(error).strip().splitlines()
   return f"{type(error).__name__}: {text[0].rstrip('.') if text else ''}"[:400]
 
-
-def _failed_processes(ok: bool) -> list[int]:
-  """The processes where `ok` is false (the same answer on each process)."""
-  if jax.process_count() == 1:
-    return [] if ok else [0]
-  from jax.experimental import multihost_utils
-
-  return [int(i) for i in np.flatnonzero(~np.asarray(multihost_utils.process_allgather(np.asarray(ok))))]
 
 
 def has_checkpoints(workdir) -> bool:

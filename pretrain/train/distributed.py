@@ -102,6 +102,26 @@ def barrier(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
+def main_process_says(value: bool) -> bool:
+  """Process 0's `value`, on every process (`value` itself with one process)."""
+  if jax.process_count() == 1:
+    return value
+  import numpy as np
+  from jax.experimental import multihost_utils
+
+  return bool(multihost_utils.broadcast_one_to_all(np.int32(value)))
+
+
+def processes_where_false(ok: bool) -> list[int]:
+  """The indices of the processes whose `ok` is false, the same list on every process."""
+  if jax.process_count() == 1:
+    return [] if ok else [0]
+  import numpy as np
+  from jax.experimental import multihost_utils
+
+  return [int(i) for i in np.flatnonzero(~np.asarray(multihost_utils.process_allgather(np.asarray(ok))))]
+
+
 def _cluster_detected(environ) -> bool:
   """A Cloud TPU VM pod or a SLURM job of several tasks: jax.distributed finds the rest itself."""
   if int(environ.get("SLURM_NTASKS", environ.get("SLURM_NPROCS", "1")) or 1) > 1 and "SLURM_JOB_ID" in environ:

@@ -64,6 +64,7 @@ from urllib import parse
 
 from pretrain import storage
 from pretrain.schema import ConfigError
+from pretrain.train import distributed
 
 LOCK_FILE = "RUN_LOCK"
 REFRESH_SECONDS = 60.0
@@ -174,7 +175,9 @@ def hold(workdir, key: str = "config.train.workdir", *, log: Callable[[str], Any
       _release(store, owner, where, log)
 
   try:
-    got = _everyone_learns(owner is not None and error is None, processes)
+    got = owner is not None and error is None
+    if processes > 1:
+      got = distributed.main_process_says(got)
   except BaseException:  # a peer lost at start-up: the lock must not outlive this run
     let_go()
     raise
@@ -196,16 +199,6 @@ def _process_group() -> tuple[bool, int]:
   if not jax.distributed.is_initialized():
     return True, 1
   return jax.process_index() == 0, jax.process_count()
-
-
-def _everyone_learns(got: bool, processes: int) -> bool:
-  """Process 0's `got`, on every process."""
-  if processes == 1:
-    return got
-  import numpy as np
-  from jax.experimental import multihost_utils
-
-  return bool(multihost_utils.broadcast_one_to_all(np.int32(got)))
 
 
 def _acquire(store, workdir, where: str, key: str, log, refresh_seconds: float,

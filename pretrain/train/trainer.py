@@ -341,7 +341,7 @@ def _check_workdir(workdir: epath.Path, experiment: ExperimentConfig) -> list[di
     recorded, now = _flat(record), _flat(schema.to_dict(experiment))
     changes = [{"key": key, "from": recorded.get(key), "to": now.get(key)}
                for key in sorted(set(recorded) | set(now))
-               if key.startswith(RESUME_KEYS) and _resume_key(key) and recorded.get(key) != now.get(key)]
+               if _resume_key(key) and recorded.get(key) != now.get(key)]
     if changes and not experiment.train.allow_config_change:
       first = changes[0]
       raise ConfigError(f"config.{first['key']}", f"{first['to']!r} here, but {workdir} was run with "

@@ -30,11 +30,11 @@ HF_CONFIG_FILE = "config.json"
 Kind = Literal["huggingface", "orbax", "workdir"]
 
 
-def checkpoint_kind(path, key: str, *, stages: bool = True) -> tuple[Kind, object]:
+def checkpoint_kind(path, key: str) -> tuple[Kind, object]:
   """(kind, directory) of the checkpoint `path` names: a Hugging Face directory (config.json), an Orbax
   model checkpoint (model_config.json, `pretrain convert --to-orbax`) or a training work directory
-  (checkpoints/). With `stages`, a staged recipe's root (stages/) names its latest finished stage's work
-  directory. Errors name `key`, the setting `path` came from."""
+  (checkpoints/). A staged recipe's root (stages/) names its latest finished stage's work directory.
+  Errors name `key`, the setting `path` came from."""
   path = storage.as_path(path)
   if not path.exists():
     raise ConfigError(key, f"{path} does not exist")
@@ -44,7 +44,7 @@ def checkpoint_kind(path, key: str, *, stages: bool = True) -> tuple[Kind, objec
     return "huggingface", path
   if (path / orbax_io.CONFIG_FILE).exists():
     return "orbax", path
-  if stages and not (path / CHECKPOINTS_DIR).is_dir() and (path / STAGES_DIR).is_dir():
+  if not (path / CHECKPOINTS_DIR).is_dir() and (path / STAGES_DIR).is_dir():
     stage = latest_finished_stage(path)
     if stage is None:
       raise ConfigError(key, f"{path / STAGES_DIR} holds no finished stage; name a stage's directory "
@@ -54,10 +54,9 @@ def checkpoint_kind(path, key: str, *, stages: bool = True) -> tuple[Kind, objec
     if not complete_steps(path):
       raise ConfigError(key, f"{path / CHECKPOINTS_DIR} holds no complete checkpoint")
     return "workdir", path
-  recipe = f", a training work directory ({CHECKPOINTS_DIR}/) nor a staged recipe's ({STAGES_DIR}/)" if stages else \
-      f" nor a training work directory ({CHECKPOINTS_DIR}/)"
   raise ConfigError(key, f"{path} is neither a Hugging Face directory ({HF_CONFIG_FILE}), an Orbax model "
-                    f"checkpoint ({orbax_io.CONFIG_FILE}){recipe}")
+                    f"checkpoint ({orbax_io.CONFIG_FILE}), a training work directory ({CHECKPOINTS_DIR}/) nor a "
+                    f"staged recipe's ({STAGES_DIR}/)")
 
 
 def complete_steps(workdir) -> list[int]:
