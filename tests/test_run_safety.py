@@ -244,7 +244,7 @@ def _in_namespace(mount: pathlib.Path, actions: list[dict], copy_to: pathlib.Pat
 TRAIN_AND_FAIL = """
 import json, sys
 from pretrain import config as config_lib
-from pretrain.train import trainer
+from pretrain.train import checkpoint, trainer
 try:
   trainer.train(config_lib.parse_experiment(json.loads(open(sys.argv[1]).read())), log=lambda m: print(m, flush=True))
 except checkpoint.CheckpointSaveError as e:

@@ -54,11 +54,17 @@ def train(experiment: ExperimentConfig, *, log=print) -> dict[str, Any]:
     raise ConfigError("config.train" if cfg is None else "config.data", "training needs this section")
   workdir = storage.as_path(cfg.workdir)  # local, or a gs:// bucket; a missing or refused bucket stops here
   storage.check_bucket(workdir, "config.train.workdir", schemes=checkpoint.Checkpoints.URL_SCHEMES)
-  with run_lock.hold(workdir, "config.train.workdir", log=log):  # one run per work directory, until it exits
-    return _train(experiment, workdir, log)
+  # The signal handlers first: a SIGTERM during set-up (compile, data preparation) is kept for the loop, which
+  # then saves after its first step, and the lock is released on the way out.
+  stop = _StopOnSignal()
+  try:
+    with run_lock.hold(workdir, "config.train.workdir", log=log):  # one run per work directory, until it exits
+      return _train(experiment, workdir, stop, log)
+  finally:
+    stop.restore()
 
 
-def _train(experiment: ExperimentConfig, workdir: epath.Path, log) -> dict[str, Any]:
+def _train(experiment: ExperimentConfig, workdir: epath.Path, stop: _StopOnSignal, log) -> dict[str, Any]:
   """`train`, once this run holds the work directory."""
   cfg, data, model_config = experiment.train, experiment.data, experiment.model
 
@@ -114,7 +120,7 @@ def _train(experiment: ExperimentConfig, workdir: epath.Path, log) -> dict[str, 
   # 5. The step, and the loop.
   train_step = jit_step(plan, cfg, len(mixture.components))
   return _loop(experiment, state, train_step, data_iter, checkpoints, plan.batch_sharding,
-               sharding.context_ways(mesh, cfg.axis_rules), mixture, log)
+               sharding.context_ways(mesh, cfg.axis_rules), mixture, stop, log)
 
 
 def check_attention(model_config) -> None:
@@ -187,7 +193,7 @@ def jit_step(plan: StepPlan, cfg: TrainConfig, num_components: int):
                  donate_argnums=(0,))
 
 
-def _loop(experiment, state, train_step, data_iter, checkpoints, batch_sharding, context_ways, mixture,
+def _loop(experiment, state, train_step, data_iter, checkpoints, batch_sharding, context_ways, mixture, stop,
           log) -> dict[str, Any]:
   cfg, data = experiment.train, experiment.data
   start = int(jax.device_get(state["step"]))
@@ -198,7 +204,6 @@ def _loop(experiment, state, train_step, data_iter, checkpoints, batch_sharding,
                    flops_per_token=flops.flops_per_token(experiment.model, data.seq_len), peak_flops=peak)
   writer = metrics.MetricsWriter(cfg.workdir)
   progress = metrics.Progress(cfg.steps, start_step=start) if jax.process_index() == 0 else None
-  stop = _StopOnSignal()
   pending, last, step_start = None, {}, time.perf_counter()
   failed = True
   try:
@@ -234,7 +239,6 @@ def _loop(experiment, state, train_step, data_iter, checkpoints, batch_sharding,
     writer.close()
     if progress is not None:
       progress.close()
-    stop.restore()
   if stop.requested:
     last = dict(last, stopped_early=True)
   log(f"checkpoints in {checkpoints.directory}; metrics in {storage.as_path(cfg.workdir) / 'metrics.jsonl'} and "
