@@ -16,7 +16,7 @@
 #   --name=NAME                the JobSet (default pretrain)
 #   --image=IMAGE              the project with jax[tpu] or jax[cuda]: launch/k8s/Dockerfile
 #   --workdir=DIR              config.train.workdir, the same for every pod and outliving them
-#                              (a gs:// bucket the pods may write, or a mounted volume): a restarted JobSet resumes from it
+#                              (a gs:// or s3:// bucket the pods may write, or a mounted volume): a restarted JobSet resumes from it
 #   --config=FILE[:ARG]        the experiment, as for `pretrain train`
 #   --config.a.b=V             any other config override, passed on
 #   --hosts=N                  pods: TPU hosts in the slice, or GPU nodes (default 2)

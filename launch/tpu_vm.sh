@@ -240,7 +240,7 @@ esac
 case $COMMAND in
   run | up | watch)
     [[ -n $WORKDIR ]] || usage_error "missing --workdir=DIR (shared by the workers, for resuming)"
-    if [[ $WORKDIR != /* && $WORKDIR != gs://* ]]; then
+    if [[ $WORKDIR != /* && $WORKDIR != gs://* && $WORKDIR != s3://* ]]; then
       note "warning: --workdir=$WORKDIR is on each worker's own disk: a lost slice loses it"
     fi ;;
 esac

@@ -194,8 +194,7 @@ def cmd_tokenizer(args: argparse.Namespace, config_flags: list[str]) -> None:
 
 
 def cmd_eval(args: argparse.Namespace, config_flags: list[str]) -> None:
-  import pathlib
-
+  from pretrain import storage
   from pretrain.eval import load, niah, ppl
 
   if config_flags:
@@ -210,7 +209,9 @@ def cmd_eval(args: argparse.Namespace, config_flags: list[str]) -> None:
   else:
     buckets = ppl.parse_buckets(args.buckets)
   source = load.resolve(args.checkpoint, args.tokenizer)
-  out_dir = pathlib.Path(args.out) if args.out else load.default_out_dir(source)
+  if args.out:
+    storage.check_bucket(args.out, "--out")
+  out_dir = storage.as_path(args.out) if args.out else load.default_out_dir(source)
   if out_dir.exists() and not out_dir.is_dir():
     raise ConfigError("--out", f"{out_dir} exists and is not a directory")
   if args.eval_command == "niah":

@@ -1,9 +1,8 @@
 """Paths that may be object-storage URLs: `gs://bucket/key` (Google Cloud Storage), `s3://bucket/key`, or local.
 
 `as_path` turns either into an `etils.epath.Path`: local paths behave as `pathlib` ones (`~` expanded),
-URLs go through fsspec (gcsfs, s3fs). Orbax writes checkpoint arrays through tensorstore's own
-`gcs` driver, and only for gs:// (its 0.12 builds no other kvstore from a URL), so a work directory
-may be local or gs://; files read or written whole (data, tokenizers, markers) may be s3:// too.
+URLs go through fsspec (gcsfs, s3fs). Arrays (Orbax checkpoints, OCDBT reads) go through tensorstore's
+own `gcs` and `s3` drivers, whose specs `kvstore` writes (pretrain/orbax_s3.py teaches Orbax the s3 one).
 Readers that need local files (ArrayRecord shards, sentencepiece, tokenizers) read a `download`ed
 copy under $PRETRAIN_CACHE/objects/ (default ~/.cache/pretrain).
 
@@ -58,14 +57,12 @@ def local_absolute(path: str | os.PathLike) -> epath.Path:
   return path if is_url(path) else path.absolute()
 
 
-def check_bucket(path: str | os.PathLike, key: str, *, schemes: tuple[str, ...] = URL_SCHEMES) -> None:
-  """For a URL: its scheme is one of `schemes` and its bucket exists and lets this process in; a local
-  path passes. Otherwise a ConfigError for `key` naming the URL, raised before anything is written."""
+def check_bucket(path: str | os.PathLike, key: str) -> None:
+  """For a URL: its bucket exists and lets this process in; a local path passes. Otherwise a ConfigError
+  for `key` naming the URL, raised before anything is written."""
   if not is_url(path):
     return
   url = str(path)
-  if not url.startswith(schemes):
-    raise ConfigError(key, f"{url}: only local paths and {', '.join(schemes)} URLs are supported here")
   parsed = parse.urlparse(url)
   bucket = epath.Path(f"{parsed.scheme}://{parsed.netloc}")
   try:  # a listing, not `exists`: s3fs answers a refused bucket with "does not exist"
@@ -75,6 +72,30 @@ def check_bucket(path: str | os.PathLike, key: str, *, schemes: tuple[str, ...] 
   except Exception as e:  # each client raises its own errors: refused access, no endpoint
     raise ConfigError(key, f"{url}: bucket {bucket} cannot be reached or refuses access "
                       f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
+
+
+def kvstore(path: str | os.PathLike) -> dict:
+  """The tensorstore kvstore spec of a local path, gs:// or s3:// URL (a directory's ends with /).
+
+  S3's endpoint and region come from the AWS variables, as botocore and s3fs read them (tensorstore's s3
+  driver reads neither AWS_ENDPOINT_URL nor AWS_DEFAULT_REGION); credentials from the
+  environment when it has them, else by the AWS default chain (profiles, then the instance's)."""
+  url = str(path)
+  if not is_url(url):
+    return {"driver": "file", "path": os.fspath(path)}
+  parsed = parse.urlparse(url)
+  key = parsed.path.lstrip("/")
+  if parsed.scheme == "gs":
+    return {"driver": "gcs", "bucket": parsed.netloc, "path": key}
+  spec = {"driver": "s3", "bucket": parsed.netloc, "path": key}
+  region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+  if region:
+    spec["aws_region"] = region
+  if os.environ.get("AWS_ENDPOINT_URL"):
+    spec["endpoint"] = os.environ["AWS_ENDPOINT_URL"]
+  if os.environ.get("AWS_ACCESS_KEY_ID"):  # else the default chain, which logs each config file it lacks
+    spec["aws_credentials"] = {"type": "environment"}
+  return spec
 
 
 def cache_path(url: str | os.PathLike) -> pathlib.Path:

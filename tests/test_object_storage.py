@@ -1,10 +1,11 @@
 """Work directories and data on object storage, against local emulators (tests/object_storage.py; no network).
 
-A `pretrain train` run whose work directory, prepared data and tokenizer are on `gs://bucket/...`
-trains, is SIGKILLed after a checkpoint has landed, resumes, and ends bit-identical (losses and
-parameters) to an uninterrupted local run. A bucket that does not exist, one that refuses access,
-and an s3:// work directory (Orbax writes checkpoints to gs:// only) are one clear error each.
-Markers, metrics, prepared data and tokenizers work on gs:// and s3:// alike.
+A `pretrain train` run whose work directory, prepared data and tokenizer are on `gs://bucket/...` or
+`s3://bucket/...` trains, is SIGKILLed after a checkpoint has landed, resumes, and ends bit-identical
+(losses and parameters) to an uninterrupted local run; `pretrain eval` then reads it from the bucket and
+writes its report there. A bucket that does not exist, one that refuses access, and an s3:// work
+directory with an Orbax that pretrain/orbax_s3.py cannot adapt are one clear error each. Markers,
+metrics, prepared data and tokenizers work on gs:// and s3:// alike.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ import time
 import jax
 import numpy as np
 import object_storage
-import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
@@ -32,14 +32,15 @@ from pretrain.data import pipeline, workspace
 from pretrain.models import presets
 from pretrain.schema import ConfigError
 from pretrain.train import checkpoint, metrics, optimizer, stages, step, trainer
+from pretrain.train.workdir import complete_steps
 
 STEPS = 12
 
 
 def write_config(path: pathlib.Path, data_dir: pathlib.Path, workdir: str, *, data_root: str | None = None,
-                 model: dict | None = None, **train) -> pathlib.Path:
+                 model: dict | None = None, stages: list | None = None, **train) -> pathlib.Path:
   """The default-style tiny run; `data_root`: where its prepared data and tokenizer are, if not in `data_dir`;
-  `model` and `train`: another model, train settings changed."""
+  `model` and `train`: another model, train settings changed; `stages`: a staged recipe's."""
   data_root = data_root or str(data_dir)
   experiment = {
       "model": model or schema.to_dict(presets.get("tiny-deepseek-v2", num_hidden_layers=2, vocab_size=512)),
@@ -49,7 +50,7 @@ def write_config(path: pathlib.Path, data_dir: pathlib.Path, workdir: str, *, da
       "train": {"workdir": workdir, "steps": STEPS, "log_every": 1, "checkpoint_every": 2,
                 "optimizer": {"peak_learning_rate": 1e-2, "warmup_steps": 2}} | train,
       "seed": 0,
-  }
+  } | ({"stages": stages} if stages else {})
   path.write_text(f"import json\n\ndef get_config(arg=None):\n  return json.loads({json.dumps(experiment)!r})\n")
   return path
 
@@ -98,23 +99,18 @@ def experiment_of(config: pathlib.Path):
   return config_lib.parse_experiment(config_lib.load_file(str(config)))
 
 
-def complete_steps(workdir: str) -> list[int]:
-  directory = storage.as_path(workdir) / checkpoint.CHECKPOINTS_DIR
-  if not directory.is_dir():
-    return []
-  return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and ocp.step.is_checkpoint_finalized(p))
-
-
 @pytest.mark.slow
-def test_a_run_all_in_a_gcs_bucket_is_killed_resumes_and_ends_bit_identical_to_a_local_run(data_dir, tmp_path,
-                                                                                         gcs_bucket):
+@pytest.mark.parametrize("bucket", ["gcs_bucket", "s3_bucket"])
+def test_a_run_all_in_a_bucket_is_killed_resumes_and_ends_bit_identical_to_a_local_run(data_dir, tmp_path, bucket,
+                                                                                     request):
+  bucket = request.getfixturevalue(bucket)
   local = tmp_path / "local"
   finish(start(write_config(tmp_path / "local.py", data_dir, str(local))))  # prepares data_dir too
 
-  bucket_data = f"{gcs_bucket}/{tmp_path.name}/data"
+  bucket_data = f"{bucket}/{tmp_path.name}/data"
   for name in ("prepared", "tokenizer"):
     upload(data_dir / name, f"{bucket_data}/{name}")
-  bucket_run = f"{gcs_bucket}/{tmp_path.name}/run"
+  bucket_run = f"{bucket}/{tmp_path.name}/run"
   config = write_config(tmp_path / "bucket.py", data_dir, bucket_run, data_root=bucket_data)
   process = start(config)
   deadline = time.time() + 300
@@ -140,6 +136,18 @@ def test_a_run_all_in_a_gcs_bucket_is_killed_resumes_and_ends_bit_identical_to_a
   root = storage.as_path(bucket_run)
   assert json.loads((root / trainer.EXPERIMENT_FILE).read_text())["train"]["workdir"] == bucket_run
   assert list((root / "tensorboard").glob("events.out.tfevents.*"))
+
+  # `pretrain eval` reads the run, its recorded gs:// tokenizer and a mixture from the bucket; the report goes
+  # to the run's own eval/ there.
+  (storage.as_path(bucket_data) / "mixture.py").write_text((data_dir / "mixture.py").read_text()
+                                                           .replace("'inputs': ['", f"'inputs': ['{data_dir}/"))
+  env = dict(os.environ, PRETRAIN_CACHE=str(tmp_path / "cache"))
+  evaluation = subprocess.run([sys.executable, "-m", "pretrain.cli", "eval", "ppl", f"--checkpoint={bucket_run}",
+                               f"--mixture={bucket_data}/mixture.py", "--max-documents=2", "--max-length=64"],
+                              env=env, capture_output=True, text=True, timeout=300)
+  assert evaluation.returncode == 0, evaluation.stdout + evaluation.stderr
+  report = json.loads((root / "eval" / "ppl.json").read_text())
+  assert report["path"] == bucket_run and report["step"] == STEPS and report["kind"] == "workdir"
 
 
 @pytest.mark.slow
@@ -167,11 +175,19 @@ def test_a_bucket_that_refuses_access_is_one_clear_error(data_dir, tmp_path, sch
   assert "Traceback" not in out
 
 
-def test_an_s3_work_directory_is_refused_before_anything_runs(data_dir, tmp_path, s3_bucket):
+def test_an_s3_work_directory_is_one_clear_error_when_orbax_cannot_be_taught_s3(data_dir, tmp_path, s3_bucket,
+                                                                               monkeypatch):
+  from pretrain import orbax_s3
+  monkeypatch.setattr(orbax_s3, "unsupported_reason", lambda: "orbax-checkpoint 9.9 no longer has ...")
   experiment = experiment_of(write_config(tmp_path / "config.py", data_dir, f"{s3_bucket}/run"))
-  with pytest.raises(ConfigError, match=r"s3://bucket/run: only local paths and gs:// URLs"):
+  with pytest.raises(ConfigError, match=r"config.train.workdir: s3://bucket/run: orbax-checkpoint 9.9 no longer"):
     trainer.train(experiment, log=lambda m: None)
-  assert not list(storage.as_path(s3_bucket).iterdir())
+  assert not storage.as_path(f"{s3_bucket}/run").exists()
+
+
+def test_the_pinned_orbax_has_the_functions_the_s3_support_wraps():
+  from pretrain import orbax_s3
+  assert orbax_s3.unsupported_reason() is None
 
 
 @pytest.mark.parametrize("bucket", ["gcs_bucket", "s3_bucket"])
@@ -210,6 +226,23 @@ def test_a_staged_recipe_on_a_bucket_plans_its_stage_directories_there(gcs_bucke
   assert str(first) == f"{root}/stages/0-continue" and str(second) == f"{root}/stages/1-long"
   assert second_experiment.train.workdir == str(second) and second_experiment.train.init_from == str(first)
   assert not checkpoint.has_checkpoints(first)
+
+
+@pytest.mark.slow
+def test_a_staged_recipe_runs_in_a_bucket_and_each_stage_starts_from_the_last_there(data_dir, tmp_path, s3_bucket):
+  root = f"{s3_bucket}/{tmp_path.name}/recipe"
+  yarn = {"type": "yarn", "factor": 2.0, "original_max_position_embeddings": 64, "beta_fast": 32.0, "beta_slow": 1.0}
+  config = write_config(tmp_path / "recipe.py", data_dir, root, steps=2, stages=[
+      {"name": "continue", "steps": 2},
+      {"name": "long", "steps": 2, "seq_len": 128, "global_batch_size": 2, "rope_scaling": yarn}])
+  out = finish(start(config))
+  first, second = f"{root}/stages/0-continue", f"{root}/stages/1-long"
+  assert f"initialised parameters from {first}" in out, out
+  for stage in (first, second):
+    assert (storage.as_path(stage) / stages.DONE_FILE).exists()
+    assert sorted(losses(stage)) == [1, 2]
+  assert complete_steps(second) == [2]
+  assert "finished earlier, skipped" in finish(start(config))  # a second run finds both stages done there
 
 
 def test_local_paths_stay_local_and_expand_home(monkeypatch, tmp_path):

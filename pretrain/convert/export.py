@@ -139,7 +139,7 @@ class _ArrayReader:
     self.tree = tree
     self.open: dict[tuple, ts.TensorStore] = {}
     directory = source.item_dir
-    self.kvstore = {"driver": "ocdbt", "base": str(directory) if storage.is_url(directory) else f"file://{directory}"}
+    self.kvstore = {"driver": "ocdbt", "base": storage.kvstore(str(directory).rstrip("/") + "/")}
     self.driver = "zarr3" if hf_io.read_json(storage.as_path(directory) / "_METADATA").get("use_zarr3") else "zarr"
 
   def slot(self, m: TensorMap) -> np.ndarray:

@@ -13,7 +13,7 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from pretrain import models, schema, storage
+from pretrain import models, orbax_s3, schema, storage
 from pretrain.convert import param_shapes
 from pretrain.convert.errors import ConversionError
 from pretrain.convert.output_dir import atomic_output_dir
@@ -34,7 +34,7 @@ def save_orbax(model: models.CausalLM, ckpt_dir) -> None:
 def save_params(params: nnx.State, config: models.ModelConfig, ckpt_dir) -> None:
   """The parameters (sharded arrays: each process writes its own shards) and their model config."""
   with atomic_output_dir(ckpt_dir) as partial:  # absolute, as Orbax wants
-    checkpointer = ocp.StandardCheckpointer()
+    checkpointer = ocp.StandardCheckpointer(atomicity_options=orbax_s3.atomicity_options(partial))
     try:
       checkpointer.save(partial / PARAMS_DIR, nnx.to_pure_dict(params), save_args=nnx.to_pure_dict(save_args(params)))
       checkpointer.wait_until_finished()
@@ -74,7 +74,7 @@ def read_config(ckpt_dir) -> models.ModelConfig:
 def load_params(ckpt_dir, abstract_params: nnx.State, key: str = "checkpoint") -> nnx.State:
   """`abstract_params` (ShapeDtypeStruct leaves with shardings) restored from `ckpt_dir`, shard by shard."""
   param_shapes.check(read_config(ckpt_dir), abstract_params, ckpt_dir, key)
-  checkpointer = ocp.StandardCheckpointer()
+  checkpointer = ocp.StandardCheckpointer(atomicity_options=orbax_s3.atomicity_options(ckpt_dir))
   try:
     pure = checkpointer.restore(storage.local_absolute(ckpt_dir) / PARAMS_DIR, nnx.to_pure_dict(abstract_params))
   finally:

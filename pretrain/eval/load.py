@@ -25,10 +25,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
+
 import jax
+from etils import epath
 from flax import nnx
 
-from pretrain import convert, models, schema
+from pretrain import convert, models, schema, storage
 from pretrain.convert import hf_import, param_shapes
 from pretrain.data import mixture as mixture_lib
 from pretrain.data.config import SpecialTokens
@@ -45,22 +47,21 @@ class Source:
   """What `--checkpoint` points at, resolved: where the parameters are and how to read them."""
 
   given: str  # the flag's value, for reports
-  path: pathlib.Path  # the directory whose parameters are read (for a recipe: its latest finished stage)
+  path: epath.Path  # the directory whose parameters are read (for a recipe: its latest finished stage); may be a URL
   kind: workdir.Kind
   model_config: models.ModelConfig
-  tokenizer_path: pathlib.Path
+  tokenizer_path: epath.Path  # may be a URL
   special_tokens: SpecialTokens
   step: int | None = None  # a work directory's latest checkpointed step
 
   def describe(self) -> dict:
-    return {"checkpoint": self.given, "path": str(self.path.resolve()), "kind": self.kind, "step": self.step,
-            "family": self.model_config.family, "tokenizer": str(self.tokenizer_path.resolve())}
+    return {"checkpoint": self.given, "path": _absolute(self.path), "kind": self.kind, "step": self.step,
+            "family": self.model_config.family, "tokenizer": _absolute(self.tokenizer_path)}
 
 
 def resolve(checkpoint_path: str, tokenizer: str | None = None) -> Source:
   """The source `checkpoint_path` names, its model config and its tokenizer's location; reads no parameters."""
-  kind, path = workdir.checkpoint_kind(pathlib.Path(checkpoint_path).expanduser(), KEY)
-  path = pathlib.Path(path)
+  kind, path = workdir.checkpoint_kind(checkpoint_path, KEY)
   if kind == "huggingface":
     config = convert.config_from_hf(_read_json(path / workdir.HF_CONFIG_FILE))
     return _with_tokenizer(checkpoint_path, path, kind, config, tokenizer)
@@ -72,7 +73,10 @@ def resolve(checkpoint_path: str, tokenizer: str | None = None) -> Source:
 
 
 def load_tokenizer_of(source: Source) -> Tokenizer:
-  tokenizer = load_tokenizer(source.tokenizer_path, source.special_tokens, key="--tokenizer")
+  local = source.tokenizer_path
+  if storage.is_url(local):  # sentencepiece and tokenizers read local files
+    local = storage.download(local, "--tokenizer")
+  tokenizer = load_tokenizer(local, source.special_tokens, key="--tokenizer")
   if tokenizer.vocab_size > source.model_config.vocab_size:
     raise ConfigError("--tokenizer", f"{source.tokenizer_path} has {tokenizer.vocab_size} tokens, more than the "
                       f"model's vocab_size {source.model_config.vocab_size}")
@@ -89,11 +93,15 @@ def load_model(source: Source) -> models.CausalLM:
 
 
 def load_mixture(spec: str, flag: str) -> Mixture:
-  """The mixture file (FILE[:ARG]) an evaluation reads text from; a missing file is an error naming `flag`."""
-  file = pathlib.Path(spec.partition(":")[0]).expanduser()
+  """The mixture file (FILE[:ARG], FILE local or a URL) an evaluation reads text from; a missing file is an
+  error naming `flag`."""
+  scheme = next((s for s in storage.URL_SCHEMES if spec.startswith(s)), "")
+  name, colon, arg = spec[len(scheme):].partition(":")
+  name = scheme + name
+  file = storage.download(name, flag) if scheme else pathlib.Path(name).expanduser()
   if not file.is_file():
     raise ConfigError(flag, f"mixture file {file} does not exist")
-  return mixture_lib.load(str(file) + spec[len(spec.partition(":")[0]):])
+  return mixture_lib.load(str(file) + colon + arg)
 
 
 def jit_apply(model: models.CausalLM, fn):
@@ -103,15 +111,15 @@ def jit_apply(model: models.CausalLM, fn):
   return lambda *arrays: jitted(state, *arrays)
 
 
-def default_out_dir(source: Source) -> pathlib.Path:
-  """`<workdir>/eval` for a training run, which owns its directory; `./eval/<name>` for a model directory,
-  which may be read-only or shared."""
+def default_out_dir(source: Source) -> epath.Path:
+  """`<workdir>/eval` for a training run, which owns its directory (on a bucket too); `./eval/<name>` for a
+  model directory, which may be read-only or shared."""
   if source.kind == "workdir":
     return source.path / "eval"
-  return pathlib.Path("eval") / source.path.resolve().name
+  return epath.Path("eval") / pathlib.PurePath(_absolute(source.path)).name
 
 
-def _workdir_source(given: str, path: pathlib.Path, tokenizer: str | None) -> Source:
+def _workdir_source(given: str, path: epath.Path, tokenizer: str | None) -> Source:
   experiment_file = path / trainer.EXPERIMENT_FILE
   if not experiment_file.is_file():
     raise ConfigError(KEY, f"{path} has {checkpoint.CHECKPOINTS_DIR}/ but no {trainer.EXPERIMENT_FILE}, where the "
@@ -122,7 +130,7 @@ def _workdir_source(given: str, path: pathlib.Path, tokenizer: str | None) -> So
   special_tokens = schema.parse(SpecialTokens, data.get("special_tokens"), f"{experiment_file} data.special_tokens")
   if tokenizer is None and not data.get("tokenizer"):
     raise ConfigError("--tokenizer", f"{experiment_file} records no data.tokenizer; give --tokenizer")
-  tokenizer_path = pathlib.Path(tokenizer or data["tokenizer"]).expanduser()
+  tokenizer_path = storage.as_path(tokenizer or data["tokenizer"])
   if not tokenizer_path.exists():
     where = "" if tokenizer else f" (the run's data.tokenizer, from {experiment_file}; give --tokenizer)"
     raise ConfigError("--tokenizer", f"{tokenizer_path} does not exist{where}")
@@ -130,10 +138,10 @@ def _workdir_source(given: str, path: pathlib.Path, tokenizer: str | None) -> So
   return Source(given, path, "workdir", config, tokenizer_path, special_tokens, step)
 
 
-def _with_tokenizer(given: str, path: pathlib.Path, kind: workdir.Kind, config, tokenizer: str | None) -> Source:
+def _with_tokenizer(given: str, path: epath.Path, kind: workdir.Kind, config, tokenizer: str | None) -> Source:
   """A model directory's source: its tokenizer is --tokenizer or the one inside it."""
   if tokenizer is not None:
-    tokenizer_path = pathlib.Path(tokenizer).expanduser()
+    tokenizer_path = storage.as_path(tokenizer)
     if not tokenizer_path.exists():
       raise ConfigError("--tokenizer", f"{tokenizer_path} does not exist")
   elif (path / "tokenizer.json").is_file():
@@ -147,7 +155,7 @@ def _with_tokenizer(given: str, path: pathlib.Path, kind: workdir.Kind, config, 
   return Source(given, path, kind, config, tokenizer_path, _special_tokens(path))
 
 
-def _special_tokens(path: pathlib.Path) -> SpecialTokens:
+def _special_tokens(path: epath.Path) -> SpecialTokens:
   """BOS/EOS/pad strings from a Hugging Face tokenizer_config.json; DeepSeek's when there is none."""
   file = path / "tokenizer_config.json"
   if not file.is_file():
@@ -162,7 +170,7 @@ def _special_tokens(path: pathlib.Path) -> SpecialTokens:
   return dataclasses.replace(SpecialTokens(), bos=content("bos_token") or eos, eos=eos, pad=content("pad_token") or eos)
 
 
-def _read_json(file: pathlib.Path) -> dict:
+def _read_json(file: epath.Path) -> dict:
   try:
     values = json.loads(file.read_text())
   except (OSError, ValueError) as e:
@@ -170,3 +178,7 @@ def _read_json(file: pathlib.Path) -> dict:
   if not isinstance(values, dict):
     raise ConfigError(KEY, f"{file}: expected a JSON object")
   return values
+
+
+def _absolute(path: epath.Path) -> str:
+  return str(path) if storage.is_url(path) else str(pathlib.Path(path).resolve())

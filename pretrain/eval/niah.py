@@ -36,10 +36,12 @@ from collections.abc import Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
 from pretrain.data import sources
 from pretrain.data.mixture import Mixture
 from pretrain.data.tokenizer import Tokenizer
+from pretrain import storage
 from pretrain.atomic_file import atomic_file
 from pretrain.eval import flags, load
 from pretrain.schema import ConfigError
@@ -281,9 +283,9 @@ def run(source: load.Source, *, lengths: Sequence[int], depths: Sequence[float],
   }
 
 
-def write(result: dict, out_dir) -> tuple[pathlib.Path, pathlib.Path]:
+def write(result: dict, out_dir) -> tuple[epath.Path, epath.Path]:
   """niah.json and niah.png in `out_dir`, both or neither."""
-  out_dir = pathlib.Path(out_dir)
+  out_dir = storage.as_path(out_dir)
   json_path, png_path = out_dir / "niah.json", out_dir / "niah.png"
   with atomic_file(json_path) as json_tmp, atomic_file(png_path) as png_tmp:
     plot(result, png_tmp)

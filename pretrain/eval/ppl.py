@@ -35,10 +35,12 @@ from collections.abc import Callable, Sequence
 
 import jax
 import numpy as np
+from etils import epath
 
 from pretrain.data import sources
 from pretrain.data.mixture import Mixture
 from pretrain.data.tokenizer import Tokenizer
+from pretrain import storage
 from pretrain.atomic_file import atomic_file
 from pretrain.eval import flags, load
 from pretrain.schema import ConfigError
@@ -202,8 +204,8 @@ def run(source: load.Source, *, mixture: str, max_documents: int = 100, max_leng
   return result
 
 
-def write(result: dict, out_dir) -> pathlib.Path:
-  path = pathlib.Path(out_dir) / "ppl.json"
+def write(result: dict, out_dir) -> epath.Path:
+  path = storage.as_path(out_dir) / "ppl.json"
   with atomic_file(path) as tmp:
     tmp.write_text(json.dumps(result, indent=2) + "\n")
   return path

@@ -41,7 +41,7 @@ import orbax.checkpoint as ocp
 import tensorstore as ts
 from flax import nnx
 
-from pretrain import storage
+from pretrain import orbax_s3, storage
 from pretrain.convert import hf_import, orbax_io
 from pretrain.convert.errors import ConversionError
 from pretrain.schema import ConfigError
@@ -60,15 +60,12 @@ class CheckpointSaveError(RuntimeError):
 
 
 class Checkpoints:
-  # Orbax (0.12) writes arrays to a bucket through tensorstore's gcs driver, and builds no other
-  # kvstore from a URL: an s3:// directory would be taken for a relative local path.
-  URL_SCHEMES = ("gs://",)
-
   def __init__(self, workdir, config: TrainConfig, *, log=print):
+    self.workdir = storage.local_absolute(workdir)
     self._options = ocp.CheckpointManagerOptions(
         max_to_keep=config.keep_last, keep_period=config.keep_every or None, create=True,
-        enable_async_checkpointing=True, cleanup_tmp_directories=True)
-    self.workdir = storage.local_absolute(workdir)
+        enable_async_checkpointing=True, cleanup_tmp_directories=True,
+        atomicity_options=orbax_s3.atomicity_options(self.workdir))
     self.directory = self.workdir / CHECKPOINTS_DIR
     self.manager = self._open()
     _quiet_failed_save_noise()
@@ -121,6 +118,8 @@ class Checkpoints:
     if jax.process_index() == 0 and step is not None:
       for partial in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
         partial.rmtree(missing_ok=True)
+      if storage.is_url(self.directory) and step not in workdir_layout.complete_steps(self.workdir):
+        (self.directory / str(step)).rmtree(missing_ok=True)  # a bucket's step is written in place
     cause = _root_cause(error)
     text = str(cause)
     if (isinstance(cause, OSError) and cause.errno == errno.ENOSPC) or "os_error_code='28'" in text:
@@ -236,9 +235,8 @@ def _missing_or_truncated(step_dir) -> str | None:
     except ValueError as e:
       return f"{file} is not valid JSON ({e})"
   state = step_dir / "state"
-  base = str(state) if storage.is_url(state) else f"file://{state}"
   try:
-    store = ts.KvStore.open(base.rstrip("/") + "/").result()
+    store = ts.KvStore.open(storage.kvstore(str(state).rstrip("/") + "/")).result()
     manifest = ts.ocdbt.dump(store).result()
     roots = [v["root"]["location"] for v in manifest.get("versions", [])[-1:] if v.get("root", {}).get("location")]
     sizes: dict[str, int] = {}

@@ -27,7 +27,7 @@ from etils import epath
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from pretrain import models, schema, storage
+from pretrain import models, orbax_s3, schema, storage
 from pretrain.atomic_file import atomic_file
 from pretrain.config import ExperimentConfig
 from pretrain.convert import export, param_shapes
@@ -52,8 +52,9 @@ def train(experiment: ExperimentConfig, *, log=print) -> dict[str, Any]:
   cfg, data, model_config = experiment.train, experiment.data, experiment.model
   if cfg is None or data is None:
     raise ConfigError("config.train" if cfg is None else "config.data", "training needs this section")
-  workdir = storage.as_path(cfg.workdir)  # local, or a gs:// bucket; a missing or refused bucket stops here
-  storage.check_bucket(workdir, "config.train.workdir", schemes=checkpoint.Checkpoints.URL_SCHEMES)
+  workdir = storage.as_path(cfg.workdir)  # local or a bucket; a missing or refused bucket stops here
+  storage.check_bucket(workdir, "config.train.workdir")
+  orbax_s3.check(workdir, "config.train.workdir")
   # The signal handlers first: a SIGTERM during set-up (compile, data preparation) is kept for the loop, which
   # then saves after its first step, and the lock is released on the way out.
   stop = _StopOnSignal()

@@ -16,7 +16,7 @@ from typing import Literal
 
 import orbax.checkpoint as ocp
 
-from pretrain import storage
+from pretrain import orbax_s3, storage
 from pretrain.convert import orbax_io
 from pretrain.schema import ConfigError
 
@@ -65,7 +65,9 @@ def complete_steps(workdir) -> list[int]:
   directory = storage.as_path(workdir) / CHECKPOINTS_DIR
   if not directory.is_dir():
     return []
-  return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and ocp.step.is_checkpoint_finalized(p))
+  atomicity = orbax_s3.atomicity_options(directory)
+  return sorted(int(p.name) for p in directory.iterdir()
+                if p.name.isdigit() and ocp.step.is_checkpoint_finalized(p, atomicity_options=atomicity))
 
 
 def latest_finished_stage(root):
