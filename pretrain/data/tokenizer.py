@@ -37,6 +37,15 @@ class FimIds:
 _SPACE_ESCAPE = "▁"  # U+2581: how sentencepiece and Metaspace write a space inside a piece
 _FIM_FIELDS = ("fim_begin", "fim_hole", "fim_end")
 DEEPSEEK_SPECIAL_TOKENS = SpecialTokens()  # the defaults
+# The released models' FIM sentinels as (begin, hole, end) of PSM `begin prefix hole suffix end middle`:
+# DeepSeek-Coder(-V2)'s (the defaults), Qwen2.5-Coder's and StarCoder's `prefix, suffix, middle`.
+KNOWN_FIM_SENTINELS = (
+    (SpecialTokens.fim_begin, SpecialTokens.fim_hole, SpecialTokens.fim_end),
+    ("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"),
+    ("<fim_prefix>", "<fim_suffix>", "<fim_middle>"),
+)
+_KNOWN_SENTINEL_STRINGS = frozenset(token for sentinels in KNOWN_FIM_SENTINELS for token in sentinels) | {
+    "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>", "<fim_pad>", "<repo_name>", "<file_sep>"}
 
 
 class Tokenizer:
@@ -82,6 +91,21 @@ class Tokenizer:
   @property
   def fim_ids(self) -> FimIds | None:
     return self._fim_ids
+
+  def token_id(self, token: str) -> int | None:
+    """The id of the token spelled `token` (a special token's string), or None."""
+    return self._id_of(token)
+
+  def with_known_fim_sentinels(self) -> Tokenizer:
+    """This tokenizer, or when its special tokens name no FIM sentinels it has, a copy naming the first
+    of KNOWN_FIM_SENTINELS that it has (a released model's own); itself when it has none of them."""
+    if self._fim_ids is not None:
+      return self
+    for sentinels in KNOWN_FIM_SENTINELS:
+      if all(self._id_of(token) is not None for token in sentinels):
+        tokens = dataclasses.replace(self.special_tokens, **dict(zip(_FIM_FIELDS, sentinels)))
+        return load_tokenizer(self.path, tokens, key=self._key)
+    return self
 
   def require_fim(self) -> FimIds:
     if self._fim_ids is not None:
@@ -214,9 +238,31 @@ class _HuggingFace(Tokenizer):
         token_bytes[i] = token.encode()
     # Added tokens match raw text, not the byte alphabet; special ones stand for no text.
     for i, added in self._tok.get_added_tokens_decoder().items():
-      special = added.special or added.content in special_strings
+      # The released models' sentinels stand for no text even where their file does not mark them special
+      # (Qwen2.5's FIM tokens): a document spelling one out must not smuggle it into training data.
+      special = added.special or added.content in special_strings or added.content in _KNOWN_SENTINEL_STRINGS
       token_bytes[i] = b"" if special else added.content.encode()
     return token_bytes
+
+
+def special_tokens_from_config(directory) -> SpecialTokens:
+  """BOS/EOS/pad strings from a Hugging Face tokenizer_config.json in `directory`; DeepSeek's where there is
+  none. A model without a BOS token (Qwen2) starts each text after EOS instead, as its pretraining packed
+  documents."""
+  file = pathlib.Path(directory) / "tokenizer_config.json"
+  if not file.is_file():
+    return SpecialTokens()
+  try:
+    values = json.loads(file.read_text())
+  except (OSError, ValueError) as e:
+    raise ConfigError("--tokenizer", f"{file}: cannot read JSON: {e}") from e
+
+  def content(name: str) -> str | None:
+    token = values.get(name) if isinstance(values, dict) else None
+    return token.get("content") if isinstance(token, dict) else token
+
+  eos = content("eos_token") or SpecialTokens.eos
+  return dataclasses.replace(SpecialTokens(), bos=content("bos_token") or eos, eos=eos, pad=content("pad_token") or eos)
 
 
 def load_tokenizer(path, special_tokens: SpecialTokens = DEEPSEEK_SPECIAL_TOKENS, *,

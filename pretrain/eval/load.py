@@ -35,9 +35,9 @@ from pretrain.convert import hf_import, param_shapes
 from pretrain.data import mixture as mixture_lib
 from pretrain.data.config import SpecialTokens
 from pretrain.data.mixture import Mixture
-from pretrain.data.tokenizer import Tokenizer, load_tokenizer
+from pretrain.data.tokenizer import Tokenizer, load_tokenizer, special_tokens_from_config
 from pretrain.schema import ConfigError
-from pretrain.train import checkpoint, trainer, workdir
+from pretrain.train import checkpoint, workdir
 
 KEY = "--checkpoint"
 
@@ -76,7 +76,8 @@ def load_tokenizer_of(source: Source) -> Tokenizer:
   local = source.tokenizer_path
   if storage.is_url(local):  # sentencepiece and tokenizers read local files
     local = storage.download(local, "--tokenizer")
-  tokenizer = load_tokenizer(local, source.special_tokens, key="--tokenizer")
+  # A released model's FIM sentinels (Qwen2.5-Coder's, say) are found even where no config names them.
+  tokenizer = load_tokenizer(local, source.special_tokens, key="--tokenizer").with_known_fim_sentinels()
   if tokenizer.vocab_size > source.model_config.vocab_size:
     raise ConfigError("--tokenizer", f"{source.tokenizer_path} has {tokenizer.vocab_size} tokens, more than the "
                       f"model's vocab_size {source.model_config.vocab_size}")
@@ -120,9 +121,9 @@ def default_out_dir(source: Source) -> epath.Path:
 
 
 def _workdir_source(given: str, path: epath.Path, tokenizer: str | None) -> Source:
-  experiment_file = path / trainer.EXPERIMENT_FILE
+  experiment_file = path / workdir.EXPERIMENT_FILE
   if not experiment_file.is_file():
-    raise ConfigError(KEY, f"{path} has {checkpoint.CHECKPOINTS_DIR}/ but no {trainer.EXPERIMENT_FILE}, where the "
+    raise ConfigError(KEY, f"{path} has {checkpoint.CHECKPOINTS_DIR}/ but no {workdir.EXPERIMENT_FILE}, where the "
                       "trainer records the run's model and tokenizer")
   experiment = _read_json(experiment_file)
   config = models.parse_model_config(experiment.get("model"), key=f"{experiment_file} model")
@@ -156,18 +157,11 @@ def _with_tokenizer(given: str, path: epath.Path, kind: workdir.Kind, config, to
 
 
 def _special_tokens(path: epath.Path) -> SpecialTokens:
-  """BOS/EOS/pad strings from a Hugging Face tokenizer_config.json; DeepSeek's when there is none."""
+  """BOS/EOS/pad strings from the model directory's tokenizer_config.json (a local copy for a bucket's)."""
   file = path / "tokenizer_config.json"
-  if not file.is_file():
-    return SpecialTokens()
-  values = _read_json(file)
-
-  def content(name: str) -> str | None:
-    token = values.get(name)
-    return token.get("content") if isinstance(token, dict) else token
-
-  eos = content("eos_token") or SpecialTokens.eos
-  return dataclasses.replace(SpecialTokens(), bos=content("bos_token") or eos, eos=eos, pad=content("pad_token") or eos)
+  if storage.is_url(path):
+    return special_tokens_from_config(storage.download(file, KEY).parent) if file.is_file() else SpecialTokens()
+  return special_tokens_from_config(path)
 
 
 def _read_json(file: epath.Path) -> dict:

@@ -271,16 +271,20 @@ def run(source: load.Source, *, lengths: Sequence[int], depths: Sequence[float],
   tokenizer = load.load_tokenizer_of(source)
   grid = build_grid(tokenizer, Haystack.from_mixture(mixture, tokenizer), lengths=lengths, depths=depths,
                     trials=trials, seed=seed)
-  model = load.load_model(source)
-  accuracy_DxL, logprob_DxL = score_grid(load.jit_apply(model, answer_scores), grid, pad_id=tokenizer.pad_id,
-                                         batch_tokens=batch_tokens, log=log)
   return {
       "eval": "niah", **source.describe(), "lengths": list(lengths), "depths": list(depths), "trials": trials,
-      "seed": seed, "accuracy": accuracy_DxL.tolist(), "answer_logprob": logprob_DxL.tolist(),
+      "seed": seed, **evaluate(load.load_model(source), tokenizer, grid, batch_tokens=batch_tokens, log=log),
       "layout": "accuracy[depth index][length index]", "haystack": haystack,
       "scoring": "greedy decoding of the passkey's tokens (teacher-forced argmax), exact match",
       "max_position_embeddings": source.model_config.max_position_embeddings,
   }
+
+
+def evaluate(model, tokenizer: Tokenizer, grid, *, batch_tokens: int, log=print) -> dict:
+  """Accuracy and answer log-probability of each cell of `grid` (build_grid) under `model`."""
+  accuracy_DxL, logprob_DxL = score_grid(load.jit_apply(model, answer_scores), grid, pad_id=tokenizer.pad_id,
+                                         batch_tokens=batch_tokens, log=log)
+  return {"accuracy": accuracy_DxL.tolist(), "answer_logprob": logprob_DxL.tolist()}
 
 
 def write(result: dict, out_dir) -> tuple[epath.Path, epath.Path]:

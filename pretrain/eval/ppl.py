@@ -189,12 +189,10 @@ def run(source: load.Source, *, mixture: str, max_documents: int = 100, max_leng
   mix = load.load_mixture(mixture, "--mixture")
   tokenizer = load.load_tokenizer_of(source)
   documents = read_documents(mix, tokenizer, max_documents=max_documents, max_length=max_length, seed=seed)
-  model = load.load_model(source)
-  nlls = score(load.jit_apply(model, token_nll), documents, pad_id=tokenizer.pad_id, max_length=max_length,
-               batch_tokens=batch_tokens)
   result = {"eval": "ppl", **source.describe(), "mixture": mixture, "max_documents": max_documents,
             "max_length": max_length, "buckets": list(buckets), "seed": seed,
-            **summarize(documents, nlls, mix, tokenizer, buckets)}
+            **evaluate(load.load_model(source), tokenizer, mix, documents, max_length=max_length, buckets=buckets,
+                       batch_tokens=batch_tokens)}
   for name, report in result["components"].items():
     log(f"{name:<12} {report['domain']:<5} {report['documents']:>6} docs {report['tokens']:>10,} tokens  "
         f"ppl {report['perplexity']:10.3f}  bits/byte {report['bits_per_byte']:.3f}")
@@ -202,6 +200,14 @@ def run(source: load.Source, *, mixture: str, max_documents: int = 100, max_leng
     for name, report in result[view].items():
       log(f"{view:<12} {name:<16} {report['tokens']:>10,} tokens  ppl {report['perplexity']:10.3f}")
   return result
+
+
+def evaluate(model, tokenizer: Tokenizer, mix: Mixture, documents, *, max_length: int, buckets: Sequence[int],
+             batch_tokens: int) -> dict:
+  """The perplexities of `documents` (read_documents) under `model`, per component, domain and length."""
+  nlls = score(load.jit_apply(model, token_nll), documents, pad_id=tokenizer.pad_id, max_length=max_length,
+               batch_tokens=batch_tokens)
+  return summarize(documents, nlls, mix, tokenizer, buckets)
 
 
 def write(result: dict, out_dir) -> epath.Path:

@@ -73,6 +73,35 @@ class BlockStack(nnx.Module):
     # prevent_cse=False: a scan body is not merged with its rematerialised copy anyway.
     return jax.lax.scan(jax.checkpoint(body, policy=policy, prevent_cse=False), x_BxSxD, state)
 
+  def prefill(self, x_BxSxD, positions_BxS, *, pin: Callable = lambda x: x):
+    """The blocks' forward pass for generation -> (x [B, S, D], each block's decode cache entries of
+    these tokens, stacked on a leading [count] axis: a tuple of [count, B, S, ...] arrays)."""
+    graphdef, state = nnx.split(self.block)
+
+    def body(x_BxSxD, layer_state):
+      block = nnx.merge(graphdef, _drop_layer_axis(layer_state))
+      x_BxSxD, _, entry = block.prefill(x_BxSxD, positions_BxS)
+      return pin(x_BxSxD), entry
+
+    return jax.lax.scan(body, x_BxSxD, state)
+
+  def decode(self, x_Bx1xD, positions_Bx1, cache, *, pin: Callable = lambda x: x):
+    """One token per row through the blocks, block i reading its slice of `cache` (a tuple of
+    [count, B, T, ...] arrays) -> (x [B, 1, D], the token's cache entries [count, B, 1, ...]).
+
+    The cache is scanned over as an input and left unchanged: the new entries come out small, and
+    the caller writes them into the cache in place (generate/kv_cache.write).
+    """
+    graphdef, state = nnx.split(self.block)
+
+    def body(x_Bx1xD, layer):
+      layer_state, layer_cache = layer
+      block = nnx.merge(graphdef, _drop_layer_axis(layer_state))
+      x_Bx1xD, entry = block.decode(x_Bx1xD, positions_Bx1, layer_cache)
+      return pin(x_Bx1xD), entry
+
+    return jax.lax.scan(body, x_Bx1xD, (state, cache))
+
   def layer(self, slot: int) -> nnx.Module:
     """Layer first_layer + slot as a block of its own (unstacked parameters): for tests and
     reference computations; training runs the whole stack as one scan."""

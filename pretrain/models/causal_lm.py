@@ -81,6 +81,28 @@ class CausalLM(nnx.Module):
       out["expert_load"] = jnp.concatenate(expert_loads)  # [moe_layers, n_routed_experts], in layer order
     return self.norm(x_BxSxD), out
 
+  def prefill(self, input_ids_BxS: jnp.ndarray) -> tuple[jnp.ndarray, list[tuple[jnp.ndarray, ...]]]:
+    """Generation's forward pass over prompts at positions 0..S-1 -> (final hidden states [B, S, D],
+    per stack its layers' decode cache entries of these tokens, [count, B, S, ...] arrays)."""
+    positions_BxS = jnp.broadcast_to(jnp.arange(input_ids_BxS.shape[1]), input_ids_BxS.shape)
+    x_BxSxD = self._pin(self.embed_tokens(input_ids_BxS, self.dtype))
+    entries = []
+    for stack in self.layers:
+      x_BxSxD, stack_entries = stack.prefill(x_BxSxD, positions_BxS, pin=self._pin)
+      entries.append(stack_entries)
+    return self.norm(x_BxSxD), entries
+
+  def decode(self, input_ids_Bx1: jnp.ndarray, positions_Bx1: jnp.ndarray,
+             cache: list[tuple[jnp.ndarray, ...]]) -> tuple[jnp.ndarray, list[tuple[jnp.ndarray, ...]]]:
+    """One token per row at its position, against the cache (per stack [count, B, T, ...] arrays, a
+    row's token at position p at index p) -> (final hidden states [B, 1, D], the tokens' cache entries)."""
+    x_Bx1xD = self._pin(self.embed_tokens(input_ids_Bx1, self.dtype))
+    entries = []
+    for stack, stack_cache in zip(self.layers, cache, strict=True):
+      x_Bx1xD, stack_entries = stack.decode(x_Bx1xD, positions_Bx1, stack_cache, pin=self._pin)
+      entries.append(stack_entries)
+    return self.norm(x_Bx1xD), entries
+
   def _pin(self, x_BxSxD: jnp.ndarray) -> jnp.ndarray:
     if self.activation_sharding is None:
       return x_BxSxD

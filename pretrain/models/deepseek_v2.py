@@ -24,6 +24,10 @@ LATENT_NORM_EPS = 1e-6
 
 
 class MLAttention(nnx.Module):
+  # What a decode cache keeps per token (logical axes of each array's per-token part): the kv latent
+  # after kv_a_layernorm and the rotary key after RoPE, kv_lora_rank + qk_rope_head_dim numbers.
+  CACHE_AXES = (("kv_lora",), (None,))
+
   def __init__(self, config: DeepseekV2Config, *, rngs: nnx.Rngs, context_parallel: ContextParallel | None = None):
     self.config = config
     d, n, std = config.hidden_size, config.num_attention_heads, config.initializer_range
@@ -42,6 +46,65 @@ class MLAttention(nnx.Module):
     self.context_parallel = context_parallel  # how the mesh splits attention (None: one device)
 
   def __call__(self, x_BxSxD, positions_BxS, segment_ids_BxS):
+    return self.prefill(x_BxSxD, positions_BxS, segment_ids_BxS)[0]
+
+  def prefill(self, x_BxSxD, positions_BxS, segment_ids_BxS=None):
+    """The forward pass -> (output [B, S, D], what a decode cache keeps of these tokens: the latent
+    [B, S, L] and the rotary key [B, S, R]).
+
+    Keys and values are expanded from the latent per head: for the many queries of a prompt that
+    costs less than attending in the latent space (`decode`).
+    """
+    c = self.config
+    dtype = x_BxSxD.dtype
+    q_nope, q_rope, kv_latent_BxSxL, k_rope_BxSx1xR = self._project(x_BxSxD, positions_BxS)
+    kv_BxSxNxE = layers.einsum("BSL,LNE->BSNE", kv_latent_BxSxL, self.kv_b_proj, dtype)
+    k_nope, v_BxSxNxV = kv_BxSxNxE[..., :c.qk_nope_head_dim], kv_BxSxNxE[..., c.qk_nope_head_dim:]
+    q_BxSxNxK = jnp.concatenate([q_nope, q_rope], axis=-1)
+    k_BxSxNxK = jnp.concatenate([k_nope, jnp.broadcast_to(k_rope_BxSx1xR, q_rope.shape)], axis=-1)
+    out_BxSxNxV = attention.attend(
+        q_BxSxNxK, k_BxSxNxK, v_BxSxNxV, scale=rope.softmax_scale(c.qk_head_dim, c.rope_scaling),
+        segment_ids_BxS=segment_ids_BxS, implementation=c.attention_implementation,
+        context_parallel=self.context_parallel)
+    out_BxSxD = layers.einsum("BSNV,NVD->BSD", out_BxSxNxV, self.o_proj, dtype)
+    return out_BxSxD, (kv_latent_BxSxL, k_rope_BxSx1xR[:, :, 0])
+
+  def decode(self, x_Bx1xD, positions_Bx1, cache):
+    """One new token per row, attending in the latent space (DeepSeek-V2 paper, section 2.1.3) to its
+    row's cached tokens before its position and to itself -> (output [B, 1, D], its latent [B, 1, L]
+    and rotary key [B, 1, R] for the cache).
+
+    `cache`: this layer's (latent [B, T, L], rotary key [B, T, R]). The key up-projection W_UK is
+    absorbed into the query (q_nope . W_UK is an L-wide query per head, scored against the latents
+    directly) and the value up-projection W_UV applied to the attention-weighted latent, so keys and
+    values are never expanded per head: the cache is read once, L + R numbers per token.
+    """
+    c = self.config
+    dtype = x_Bx1xD.dtype
+    latent_cache_BxTxL, rope_cache_BxTxR = cache
+    q_nope_Bx1xNxK, q_rope_Bx1xNxR, latent_Bx1xL, k_rope_Bx1x1xR = self._project(x_Bx1xD, positions_Bx1)
+    kv_b_LxNxE = self.kv_b_proj[...].astype(dtype)
+    w_uk_LxNxK, w_uv_LxNxV = kv_b_LxNxE[..., :c.qk_nope_head_dim], kv_b_LxNxE[..., c.qk_nope_head_dim:]
+    q_latent_BxNxL = jnp.einsum("BNK,LNK->BNL", q_nope_Bx1xNxK[:, 0], w_uk_LxNxK, preferred_element_type=dtype)
+    q_rope_BxNxR, latent_BxL, k_rope_BxR = q_rope_Bx1xNxR[:, 0], latent_Bx1xL[:, 0], k_rope_Bx1x1xR[:, 0, 0]
+    f32 = jnp.float32
+    scores_BxNxT = (jnp.einsum("BNL,BTL->BNT", q_latent_BxNxL, latent_cache_BxTxL, preferred_element_type=f32)
+                    + jnp.einsum("BNR,BTR->BNT", q_rope_BxNxR, rope_cache_BxTxR, preferred_element_type=f32))
+    self_BxN = (jnp.einsum("BNL,BL->BN", q_latent_BxNxL, latent_BxL, preferred_element_type=f32)
+                + jnp.einsum("BNR,BR->BN", q_rope_BxNxR, k_rope_BxR, preferred_element_type=f32))
+    scale = rope.softmax_scale(c.qk_head_dim, c.rope_scaling)  # the training path's, YaRN mscale included
+    valid_BxT = jnp.arange(latent_cache_BxTxL.shape[1]) < positions_Bx1
+    probs_BxNxT, probs_BxN = layers.decode_softmax(scores_BxNxT * scale, self_BxN * scale, valid_BxT[:, None])
+    out_latent_BxNxL = (jnp.einsum("BNT,BTL->BNL", probs_BxNxT.astype(dtype), latent_cache_BxTxL,
+                                   preferred_element_type=dtype)
+                        + probs_BxN[..., None].astype(dtype) * latent_BxL[:, None])
+    out_BxNxV = jnp.einsum("BNL,LNV->BNV", out_latent_BxNxL, w_uv_LxNxV, preferred_element_type=dtype)
+    out_Bx1xD = layers.einsum("BSNV,NVD->BSD", out_BxNxV[:, None], self.o_proj, dtype)
+    return out_Bx1xD, (latent_Bx1xL, k_rope_Bx1x1xR[:, :, 0])
+
+  def _project(self, x_BxSxD, positions_BxS):
+    """q's nope part [B, S, N, nope] and rotated rope part [B, S, N, R], the kv latent [B, S, L] (normed)
+    and the rotated rotary key [B, S, 1, R]."""
     c = self.config
     dtype = x_BxSxD.dtype
     if c.q_lora_rank is None:
@@ -54,21 +117,11 @@ class MLAttention(nnx.Module):
     kv_a_BxSxC = layers.einsum("BSD,DC->BSC", x_BxSxD, self.kv_a_proj_with_mqa, dtype)
     kv_latent_BxSxL = self.kv_a_layernorm(kv_a_BxSxC[..., :c.kv_lora_rank])
     k_rope_BxSx1xR = kv_a_BxSxC[..., None, c.kv_lora_rank:]  # one rotary key per token, shared by all heads
-    kv_BxSxNxE = layers.einsum("BSL,LNE->BSNE", kv_latent_BxSxL, self.kv_b_proj, dtype)
-    k_nope, v_BxSxNxV = kv_BxSxNxE[..., :c.qk_nope_head_dim], kv_BxSxNxE[..., c.qk_nope_head_dim:]
 
     inv_freq = rope.inverse_frequencies(c.qk_rope_head_dim, c.rope_theta, c.rope_scaling)
     cos, sin = rope.cos_sin(positions_BxS, inv_freq, rope.cos_sin_scale(c.rope_scaling))
-    q_rope = rope.apply_interleaved(q_rope, cos, sin)
-    k_rope_BxSx1xR = rope.apply_interleaved(k_rope_BxSx1xR, cos, sin)
-
-    q_BxSxNxK = jnp.concatenate([q_nope, q_rope], axis=-1)
-    k_BxSxNxK = jnp.concatenate([k_nope, jnp.broadcast_to(k_rope_BxSx1xR, q_rope.shape)], axis=-1)
-    out_BxSxNxV = attention.attend(
-        q_BxSxNxK, k_BxSxNxK, v_BxSxNxV, scale=rope.softmax_scale(c.qk_head_dim, c.rope_scaling),
-        segment_ids_BxS=segment_ids_BxS, implementation=c.attention_implementation,
-        context_parallel=self.context_parallel)
-    return layers.einsum("BSNV,NVD->BSD", out_BxSxNxV, self.o_proj, dtype)
+    return (q_nope, rope.apply_interleaved(q_rope, cos, sin), kv_latent_BxSxL,
+            rope.apply_interleaved(k_rope_BxSx1xR, cos, sin))
 
 
 class DeepseekV2Block(nnx.Module):
@@ -82,7 +135,23 @@ class DeepseekV2Block(nnx.Module):
       self.mlp = layers.SwiGLU(config.hidden_size, config.intermediate_size, config.initializer_range, rngs=rngs)
 
   def __call__(self, x_BxSxD, positions_BxS, segment_ids_BxS):
-    x_BxSxD = x_BxSxD + self.self_attn(self.input_layernorm(x_BxSxD), positions_BxS, segment_ids_BxS)
+    x_BxSxD, aux, _ = self.prefill(x_BxSxD, positions_BxS, segment_ids_BxS)
+    return x_BxSxD, aux
+
+  def prefill(self, x_BxSxD, positions_BxS, segment_ids_BxS=None):
+    """-> (x [B, S, D], the MoE aux output or None, the attention's cache entries of these tokens)."""
+    h_BxSxD, entry = self.self_attn.prefill(self.input_layernorm(x_BxSxD), positions_BxS, segment_ids_BxS)
+    x_BxSxD, aux = self._mlp(x_BxSxD + h_BxSxD)
+    return x_BxSxD, aux, entry
+
+  def decode(self, x_Bx1xD, positions_Bx1, cache):
+    """One token per row against this layer's cache -> (x [B, 1, D], its cache entries). The MoE layer
+    routes and computes exactly as in training: dropless, so no token depends on the others in the batch."""
+    h_Bx1xD, entry = self.self_attn.decode(self.input_layernorm(x_Bx1xD), positions_Bx1, cache)
+    x_Bx1xD, _ = self._mlp(x_Bx1xD + h_Bx1xD)
+    return x_Bx1xD, entry
+
+  def _mlp(self, x_BxSxD):
     h_BxSxD = self.post_attention_layernorm(x_BxSxD)
     if isinstance(self.mlp, moe.DeepseekMoE):
       y_BxSxD, aux = self.mlp(h_BxSxD)

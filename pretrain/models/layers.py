@@ -97,3 +97,20 @@ class SwiGLU(nnx.Module):
     gate_BxSxF = einsum("BSD,DF->BSF", x_BxSxD, self.gate_proj, dtype)
     up_BxSxF = einsum("BSD,DF->BSF", x_BxSxD, self.up_proj, dtype)
     return einsum("BSF,FD->BSD", jax.nn.silu(gate_BxSxF) * up_BxSxF, self.down_proj, dtype)
+
+
+def decode_softmax(scores_cache, scores_self, valid_cache):
+  """Softmax of a new token's query over its row's cached keys (where `valid_cache`, broadcast to
+  scores_cache [..., T]) and its own key (scores_self [...]) -> (probabilities [..., T], [...]).
+
+  Decoding keeps the new token's key and value out of the cache until every layer has run
+  (kv_cache.write updates the whole cache once per step, in place), so the attention takes them
+  as a separate term; scores and probabilities in float32.
+  """
+  scores_cache = jnp.where(valid_cache, scores_cache.astype(jnp.float32), -jnp.inf)
+  scores_self = scores_self.astype(jnp.float32)
+  peak = jnp.maximum(scores_cache.max(axis=-1), scores_self)  # finite: the token's own score is
+  e_cache = jnp.exp(scores_cache - peak[..., None])
+  e_self = jnp.exp(scores_self - peak)
+  total = e_cache.sum(axis=-1) + e_self
+  return e_cache / total[..., None], e_self / total

@@ -63,6 +63,44 @@ DEFAULT_AXIS_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
 )
 
 
+EVAL_KINDS = ("ppl", "niah", "humaneval", "fim")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class EvalConfig:
+  """An evaluation the trainer runs on its own parameters (train/evals.py): at every step that is a
+  multiple of `every` and at the run's last step (each stage's, in a staged recipe). Each kind reads
+  the fields `pretrain eval <kind>` has flags for; the others are ignored."""
+
+  kind: Literal["ppl", "niah", "humaneval", "fim"]
+  every: int = 0  # steps (0: only at the last step)
+  limit: int = 0  # humaneval problems / fim tasks / ppl documents per component (0: all; ppl: 100)
+  mixture: str = ""  # ppl: the held-out mixture file (required); niah: the haystack's (default: built-in)
+  lengths: tuple[int, ...] = ()  # niah: context lengths in tokens (required)
+  depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)  # niah
+  trials: int = 2  # niah: passkeys per cell
+  samples: int = 1  # humaneval: completions per problem
+  temperature: float = 0.0  # humaneval, fim: 0 is greedy
+  top_p: float = 1.0
+  max_new_tokens: int = 0  # humaneval, fim (0: 512 for humaneval, 64 for fim)
+  mode: Literal["psm", "spm"] = "psm"  # fim
+  batch_size: int = 16  # humaneval, fim: prompts decoded at once
+  timeout_s: float = 5.0  # humaneval, fim: per test program
+  seed: int = 0
+
+  def validate(self, key: str) -> None:
+    for name in ("every", "limit", "max_new_tokens"):
+      if getattr(self, name) < 0:
+        raise ConfigError(f"{key}.{name}", f"must be >= 0, got {getattr(self, name)}")
+    for name in ("trials", "samples", "batch_size"):
+      if getattr(self, name) < 1:
+        raise ConfigError(f"{key}.{name}", f"must be >= 1, got {getattr(self, name)}")
+    if self.kind == "ppl" and not self.mixture:
+      raise ConfigError(f"{key}.mixture", "a ppl evaluation needs a held-out mixture file")
+    if self.kind == "niah" and not self.lengths:
+      raise ConfigError(f"{key}.lengths", "a niah evaluation needs context lengths")
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TrainConfig:
   workdir: str = "runs/default"
@@ -91,6 +129,7 @@ class TrainConfig:
   export_hf: bool = False  # of the last step (each stage's, in a staged recipe)
   export_hf_every: int = 0  # and of every step that is a multiple of this (0: none)
   export_hf_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+  evals: tuple[EvalConfig, ...] = ()  # evaluations during training (train/evals.py)
   grad_spike_factor: float = 10.0  # a gradient norm above this times its running median skips the update
   max_bad_steps: int = 5  # consecutive skipped updates before the run stops
 
@@ -103,6 +142,10 @@ class TrainConfig:
       raise ConfigError(f"{key}.resume_step", f"must be >= 0 (0: the newest checkpoint), got {self.resume_step}")
     if self.export_hf_every < 0:
       raise ConfigError(f"{key}.export_hf_every", f"must be >= 0 (0: no periodic exports), got {self.export_hf_every}")
+    kinds = [e.kind for e in self.evals]
+    for i, evaluation in enumerate(self.evals):
+      if kinds.index(evaluation.kind) != i:
+        raise ConfigError(f"{key}.evals[{i}].kind", f"a second {evaluation.kind!r} evaluation; one of each kind")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

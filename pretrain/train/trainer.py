@@ -35,7 +35,7 @@ from pretrain.data import batch as batch_lib
 from pretrain.data import global_batch, pipeline, workspace
 from pretrain.models import attention, causal_lm, context_parallel
 from pretrain.schema import ConfigError
-from pretrain.train import checkpoint, distributed, flops, metrics, optimizer, run_lock, sharding, step
+from pretrain.train import checkpoint, distributed, evals, flops, metrics, optimizer, run_lock, sharding, step
 from pretrain.train import workdir as workdir_layout
 from pretrain.train.config import TrainConfig
 
@@ -90,6 +90,7 @@ def _train(experiment: ExperimentConfig, workdir: epath.Path, stop: _StopOnSigna
   if tokenizer.vocab_size > model_config.vocab_size:
     raise ConfigError("config.model.vocab_size", f"{model_config.vocab_size} is smaller than the tokenizer's "
                       f"{tokenizer.vocab_size} tokens ({tokenizer.path})")
+  evals.check(cfg, tokenizer, model_config)
   data_iter = iter(pipeline.build(data, mixture, tokenizer, process_index=jax.process_index(),
                                   process_count=jax.process_count()))
 
@@ -118,10 +119,15 @@ def _train(experiment: ExperimentConfig, workdir: epath.Path, stop: _StopOnSigna
   else:
     state = fresh_state(plan, experiment)
 
-  # 5. The step, and the loop.
+  # 5. The step, the evaluations during training, and the loop.
   train_step = jit_step(plan, cfg, len(mixture.components))
+
+  def evaluate(step_number: int, state, writer) -> None:
+    evals.run_due(cfg, step_number, evals.model_from(plan.graphdef, state["params"]), tokenizer, mesh, writer,
+                  should_stop=lambda: bool(stop.requested), log=log)
+
   return _loop(experiment, state, train_step, data_iter, checkpoints, plan.batch_sharding,
-               sharding.context_ways(mesh, cfg.axis_rules), mixture, stop, log)
+               sharding.context_ways(mesh, cfg.axis_rules), mixture, stop, evaluate, log)
 
 
 def check_attention(model_config) -> None:
@@ -195,7 +201,7 @@ def jit_step(plan: StepPlan, cfg: TrainConfig, num_components: int):
 
 
 def _loop(experiment, state, train_step, data_iter, checkpoints, batch_sharding, context_ways, mixture, stop,
-          log) -> dict[str, Any]:
+          evaluate, log) -> dict[str, Any]:
   cfg, data = experiment.train, experiment.data
   start = int(jax.device_get(state["step"]))
   peak, _ = flops.peak_flops_per_device()
@@ -208,7 +214,9 @@ def _loop(experiment, state, train_step, data_iter, checkpoints, batch_sharding,
   pending, last, step_start = None, {}, time.perf_counter()
   failed = True
   try:
-    for number in range(start, cfg.steps):
+    # A resumed run first redoes the evaluations its checkpoint's step owes (killed or stopped during them).
+    steps = range(start, cfg.steps) if _evaluated(evaluate, start, state, writer, log) else range(0)
+    for number in steps:
       host_batch = next(data_iter)
       if context_ways > 1:  # rows in the zigzag order the attention layers expect (models/context_parallel.py)
         host_batch = context_parallel.to_zigzag(host_batch, context_ways)
@@ -219,11 +227,15 @@ def _loop(experiment, state, train_step, data_iter, checkpoints, batch_sharding,
         last = report(*pending, writer, progress)
       now = time.perf_counter()
       pending, step_start = (number + 1, step_metrics, now - step_start), now
-      export_due = exports_at(cfg, number + 1)
-      if (number + 1) % cfg.checkpoint_every == 0 or number + 1 == cfg.steps or stop.requested or export_due:
+      export_due, eval_due = exports_at(cfg, number + 1), bool(evals.due(cfg, number + 1))
+      if ((number + 1) % cfg.checkpoint_every == 0 or number + 1 == cfg.steps or stop.requested or export_due
+          or eval_due):
         checkpoints.save(number + 1, state, data_iter)
       if export_due:
         _export(cfg, number + 1, checkpoints, log)
+      if eval_due and not stop.requested:
+        last, pending = report(*pending, writer, progress), None  # the step's own metrics before its evaluations'
+        _evaluated(evaluate, number + 1, state, writer, log)
       if stop.requested:
         log(f"{stop.requested}: saved step {number + 1}; run the same command to continue")
         break
@@ -245,6 +257,16 @@ def _loop(experiment, state, train_step, data_iter, checkpoints, batch_sharding,
   log(f"checkpoints in {checkpoints.directory}; metrics in {storage.as_path(cfg.workdir) / 'metrics.jsonl'} and "
       f"{storage.as_path(cfg.workdir) / 'tensorboard'}")
   return last
+
+
+def _evaluated(evaluate, step_number: int, state, writer, log) -> bool:
+  """Runs the evaluations due at this step; False when a stop request cut them short (redone on resume)."""
+  try:
+    evaluate(step_number, state, writer)
+  except evals.Interrupted as e:
+    log(f"step {step_number}: evaluation {e} stopped; it is redone when the run resumes")
+    return False
+  return True
 
 
 def exports_at(cfg: TrainConfig, step: int) -> bool:
