@@ -105,6 +105,31 @@ def test_two_processes_save_are_killed_resume_and_match_one_process_on_four_devi
 
 
 @pytest.mark.slow
+def test_code_evaluations_during_training_run_on_the_pod_and_match_one_process(data_dir, tmp_path):
+  evals = [{"kind": "humaneval", "limit": 3, "max_new_tokens": 6, "batch_size": 4},
+           {"kind": "fim", "limit": 4, "max_new_tokens": 4, "batch_size": 4}]
+  reference, pod = tmp_path / "one_process", tmp_path / "two_processes"
+  finish([start(write_config(tmp_path / "one.py", data_dir, reference, steps=2, evals=evals), 4)])
+  outs = finish(start_pod(write_config(tmp_path / "two.py", data_dir, pod, steps=2, evals=evals), free_port()))
+  assert "step 2: eval humaneval pass@1" in outs[0] and "step 2: eval fim exact_match" in outs[0]
+  for name in ("humaneval.jsonl", "fim.jsonl"):  # the same completions, decoded with rows on both processes
+    assert (pod / "eval" / "2" / name).read_text() == (reference / "eval" / "2" / name).read_text(), name
+
+
+def test_ppl_during_training_in_a_multi_process_run_is_refused_before_it_starts(data_dir, tmp_path):
+  from pretrain import config as config_lib
+  from pretrain.train import evals
+
+  experiment = config_lib.load_file(str(write_config(tmp_path / "c.py", data_dir, tmp_path / "run", evals=[
+      {"kind": "ppl", "mixture": str(data_dir / "mixture.py")}])))
+  train = config_lib.parse_experiment(experiment).train
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(evals.jax, "process_count", lambda: 2)
+    with pytest.raises(ConfigError, match=r"config.train.evals\[0\].kind: ppl runs in one process for now"):
+      evals.check(train, tokenizer=None, model_config=None)
+
+
+@pytest.mark.slow
 def test_a_checkpoint_only_one_process_cannot_restore_is_moved_aside_and_both_resume_from_the_one_before(
     data_dir, tmp_path):
   reference = tmp_path / "one_process"

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from pretrain import models
@@ -99,7 +100,7 @@ def generate_with_stats(model, prompts: Sequence[Sequence[int]], *, max_new_toke
   out_BxN, steps, _ = _decode_loop(graphdef, state, cache, first_B, put(lengths_B), put(budgets_B), seed_, eos,
                                    out_length=bucket(min(max_new_tokens, context)), sampling=sampling, mesh=mesh,
                                    rules=rules)
-  out_BxN, steps = np.asarray(out_BxN), int(steps)
+  out_BxN, steps = _to_host(out_BxN), int(_to_host(steps))
   finished = time.perf_counter()
   return Generation([[int(t) for t in row if t != PAD] for row in out_BxN[:count]], steps, prefilled - started,
                     finished - prefilled, batch, prompt_length, cache_length)
@@ -166,6 +167,13 @@ def _placed(model, mesh: Mesh | None, rules):
     return _graphdef(model.config, ONE_DEVICE), state
   graphdef = _graphdef(model.config, sharding.parallelism(model.config, mesh, rules))
   return graphdef, jax.device_put(state, sharding.param_shardings(state, mesh, rules))
+
+
+def _to_host(x: jax.Array) -> np.ndarray:
+  """The whole array on every process: rows split over several processes' devices are gathered."""
+  if x.is_fully_addressable:
+    return np.asarray(x)
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def _keys(seed, batch: int, step) -> jax.Array:

@@ -11,8 +11,9 @@ the data iterator nor any training state but the parameters, so the run goes on 
 them. A SIGTERM during a code evaluation stops it at the next batch of prompts (the run then exits
 as it does on a SIGTERM, and redoes it on resume).
 
-Generation is single-process for now (pretrain/generate), so are the evaluations: a multi-process
-run with `evals` is refused before it starts.
+The code evaluations run on a pod too: every process decodes its rows of each batch on the run's
+mesh, the completions are gathered, and every process scores them (process 0 writes). ppl and niah
+run in one process for now; a multi-process run asking for them is refused before it starts.
 """
 
 from __future__ import annotations
@@ -44,11 +45,11 @@ class Interrupted(Exception):
 
 def check(cfg: TrainConfig, tokenizer: Tokenizer, model_config) -> None:
   """Every evaluation can run in this run: checked before the first step, not at the first eval."""
-  if cfg.evals and jax.process_count() > 1:
-    raise ConfigError("config.train.evals", f"evaluations during training run in one process for now; this run "
-                      f"has {jax.process_count()}: evaluate its checkpoints with `pretrain eval` instead")
   for i, evaluation in enumerate(cfg.evals):
     key = f"config.train.evals[{i}]"
+    if evaluation.kind in ("ppl", "niah") and jax.process_count() > 1:
+      raise ConfigError(f"{key}.kind", f"{evaluation.kind} runs in one process for now, and this run has "
+                        f"{jax.process_count()}: evaluate its checkpoints with `pretrain eval {evaluation.kind}`")
     if evaluation.kind == "fim" and tokenizer.with_known_fim_sentinels().fim_ids is None:
       tokenizer.require_fim()  # its error names the missing sentinel
     if evaluation.kind in ("ppl", "niah") and evaluation.mixture:
