@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+from pretrain import storage
 from pretrain.eval import humaneval, infilling
 from pretrain.eval.completion import Completer, Decoding
 from pretrain.schema import ConfigError
@@ -43,8 +44,6 @@ def fim_results(model, tokenizer, decoding: Decoding, *, spm: bool = False, data
 
 def write(name: str, records: Sequence[dict], summary: dict, out_dir) -> tuple:
   """<out_dir>/<name>.jsonl and <name>.json."""
-  from pretrain import storage
-
   out = storage.as_path(out_dir)
   paths = out / f"{name}.jsonl", out / f"{name}.json"
   humaneval.write_results(records, summary, *paths)

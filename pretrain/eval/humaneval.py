@@ -130,7 +130,8 @@ def evaluate(problems: Sequence[dict], complete: Callable[[list[str]], list[str]
 
 
 def write_results(records: Sequence[dict], summary: dict, records_path, summary_path) -> None:
-  """The records as jsonl and the summary as json, both written whole or neither."""
-  with atomic_file(records_path) as records_tmp, atomic_file(summary_path) as summary_tmp:
+  """The records as jsonl and the summary as json, both written whole or neither; the summary lands last, so
+  a summary on disk means its records are there too."""
+  with atomic_file(summary_path) as summary_tmp, atomic_file(records_path) as records_tmp:
     records_tmp.write_text("".join(json.dumps(record) + "\n" for record in records))
     summary_tmp.write_text(json.dumps(summary, indent=2) + "\n")

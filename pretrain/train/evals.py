@@ -29,7 +29,7 @@ from flax import nnx
 from pretrain import storage
 from pretrain.atomic_file import atomic_file
 from pretrain.data.tokenizer import Tokenizer
-from pretrain.eval import code_eval, load, niah, ppl
+from pretrain.eval import code_eval, humaneval, load, niah, ppl
 from pretrain.eval.completion import Decoding
 from pretrain.schema import ConfigError
 from pretrain.train.config import EvalConfig, TrainConfig
@@ -91,7 +91,6 @@ def model_from(graphdef, params) -> Callable[[], nnx.Module]:
 
 def _evaluate(e: EvalConfig, model, tokenizer: Tokenizer, mesh, should_stop, log) -> tuple[dict, dict, list]:
   """(scalars for the metrics, the report, per-sample records or None)."""
-  quiet = lambda _: None  # noqa: E731
   if e.kind == "ppl":
     mix = load.load_mixture(e.mixture, "config.train.evals.mixture")
     max_length = model.config.max_position_embeddings
@@ -107,7 +106,7 @@ def _evaluate(e: EvalConfig, model, tokenizer: Tokenizer, mesh, should_stop, log
     return scalars, report | {"mixture": e.mixture}, None
   if e.kind == "niah":
     report = niah.evaluate(model, tokenizer, _niah_grid(e, tokenizer, "config.train.evals"), batch_tokens=16384,
-                           log=quiet)
+                           log=lambda _: None)
     accuracy_DxL = np.asarray(report["accuracy"])
     scalars = {"accuracy": float(accuracy_DxL.mean())}
     scalars |= {f"accuracy/{n}": float(a) for n, a in zip(e.lengths, accuracy_DxL.mean(axis=0))}
@@ -143,7 +142,7 @@ def _write(workdir, step: int, kind: str, report: dict, records: list | None) ->
   """The records first, the report last: the report is the mark that the evaluation was done."""
   path = report_path(workdir, step, kind)
   if records is not None:
-    with atomic_file(path.with_suffix(".jsonl")) as tmp:
-      tmp.write_text("".join(json.dumps(record) + "\n" for record in records))
+    humaneval.write_results(records, report, path.with_suffix(".jsonl"), path)
+    return
   with atomic_file(path) as tmp:
     tmp.write_text(json.dumps(report, indent=2) + "\n")
