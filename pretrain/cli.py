@@ -203,7 +203,6 @@ def cmd_tokenizer(args: argparse.Namespace, config_flags: list[str]) -> None:
 
 
 def cmd_eval(args: argparse.Namespace, config_flags: list[str]) -> None:
-  from pretrain import storage
   from pretrain.eval import load, niah, ppl
 
   if config_flags:
@@ -220,11 +219,7 @@ def cmd_eval(args: argparse.Namespace, config_flags: list[str]) -> None:
   else:
     buckets = ppl.parse_buckets(args.buckets)
   source = load.resolve(args.checkpoint, args.tokenizer)
-  if args.out:
-    storage.check_bucket(args.out, "--out")
-  out_dir = storage.as_path(args.out) if args.out else load.default_out_dir(source)
-  if out_dir.exists() and not out_dir.is_dir():
-    raise ConfigError("--out", f"{out_dir} exists and is not a directory")
+  out_dir = _eval_out_dir(args, source)
   if args.eval_command == "niah":
     result = niah.run(source, lengths=lengths, depths=depths, trials=args.trials, seed=args.seed,
                       haystack=args.haystack, batch_tokens=args.batch_tokens)
@@ -236,26 +231,42 @@ def cmd_eval(args: argparse.Namespace, config_flags: list[str]) -> None:
     print(f"wrote {ppl.write(result, out_dir)}")
 
 
-def _code_eval(args: argparse.Namespace) -> None:
-  """`pretrain eval humaneval` / `pretrain eval fim`: every flag checked before the model is read."""
+def _eval_out_dir(args: argparse.Namespace, source):
+  """--out (local or a bucket), else the source's default; checked before anything is computed."""
   from pretrain import storage
-  from pretrain.eval import code_eval, completion, load
+  from pretrain.eval import load
+
+  if args.out:
+    storage.check_bucket(args.out, "--out")
+  out_dir = storage.as_path(args.out) if args.out else load.default_out_dir(source)
+  if out_dir.exists() and not out_dir.is_dir():
+    raise ConfigError("--out", f"{out_dir} exists and is not a directory")
+  return out_dir
+
+
+def _decoding(args: argparse.Namespace):
+  """The sampling flags of `pretrain generate` and the code evaluations, checked."""
+  from pretrain.eval import completion
 
   decoding = completion.Decoding(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                                  top_k=args.top_k, seed=args.seed, batch_size=args.batch_size)
   decoding.check()
+  return decoding
+
+
+def _code_eval(args: argparse.Namespace) -> None:
+  """`pretrain eval humaneval` / `pretrain eval fim`: every flag checked before the model is read."""
+  from pretrain.eval import code_eval, humaneval, load
+
+  decoding = _decoding(args)
   ks = None
   if args.eval_command == "humaneval":
-    ks = [int(k) for k in args.k.split(",")] if args.k else None
-    if args.samples < 1 or (ks and max(ks) > args.samples):
-      raise ConfigError("--samples", f"{args.samples} samples per problem cannot estimate pass@{max(ks or [1])}")
+    ks = humaneval.estimable_ks(args.samples, [int(k) for k in args.k.split(",")] if args.k else None)
   source = load.resolve(args.checkpoint, args.tokenizer)
   tokenizer = load.load_tokenizer_of(source)
   if args.eval_command == "fim":
     tokenizer.require_fim()
-  if args.out:
-    storage.check_bucket(args.out, "--out")
-  out_dir = storage.as_path(args.out) if args.out else load.default_out_dir(source)
+  out_dir = _eval_out_dir(args, source)
   model = load.load_model(source)
   log = lambda line: print(line, flush=True)
   if args.eval_command == "humaneval":
@@ -340,9 +351,7 @@ def cmd_generate(args: argparse.Namespace, config_flags: list[str]) -> None:
   if bool(args.prompt) == bool(args.prompts):
     raise ConfigError("--prompt", "give --prompt TEXT (repeatable) or --prompts FILE, not both or neither")
   prompts = list(args.prompt) if args.prompt else _read_prompts(args.prompts)
-  decoding = completion.Decoding(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                                 top_k=args.top_k, seed=args.seed, batch_size=args.batch_size)
-  decoding.check()
+  decoding = _decoding(args)
   source = load.resolve(args.checkpoint, args.tokenizer)
   tokenizer = load.load_tokenizer_of(source)
   completer = completion.Completer(load.load_model(source), tokenizer, decoding)

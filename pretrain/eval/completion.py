@@ -3,8 +3,8 @@
 
 A completion continues `BOS + prompt`; an infill continues the FIM layout the model was trained on
 (data/fim.py `prompt`: PSM `BOS <begin> prefix <hole> suffix <end>`, or SPM), with the tokenizer's
-own sentinels. The generated text is the exact bytes of the new tokens (`Tokenizer.bytes_of`), so a
-leading indentation is kept as generated. Prompts go through the engine `batch_size` at a time,
+own sentinels. The generated text is the exact bytes of the new tokens (generate/text.py
+`continuation`), so a leading indentation is kept as generated. Prompts go through the engine `batch_size` at a time,
 sorted by length so each batch pads little; batch i samples with seed `seed + i`, so a run is
 reproducible for a seed and a batch size.
 """
@@ -73,8 +73,6 @@ class Completer:
                                   temperature=d.temperature, top_p=d.top_p, top_k=d.top_k,
                                   eos_id=self.tokenizer.eos_id, seed=d.seed + batch, mesh=self.mesh)
       for i, ids in zip(rows, new_ids, strict=True):
-        if ids and ids[-1] == self.tokenizer.eos_id:
-          ids = ids[:-1]
-        texts[i] = self.tokenizer.bytes_of(ids).decode("utf-8", errors="replace")
+        texts[i] = generate.text.continuation(self.tokenizer, ids)
       self.log(f"{what}: {min(start + d.batch_size, len(order))}/{len(order)}")
     return texts

@@ -115,11 +115,7 @@ def evaluate(problems: Sequence[dict], complete: Callable[[list[str]], list[str]
 
   `ks` defaults to those of PASS_AT that `samples` can estimate; asking for a larger k is an error.
   """
-  if samples < 1:
-    raise ConfigError("--samples", f"must be >= 1, got {samples}")
-  ks = [k for k in PASS_AT if k <= samples] if ks is None else list(ks)
-  if ks and max(ks) > samples:
-    raise ConfigError("--samples", f"pass@{max(ks)} needs at least {max(ks)} samples per problem, got {samples}")
+  ks = estimable_ks(samples, ks)
   prompts = [problem["prompt"] for problem in problems for _ in range(samples)]
   completions = complete(prompts)
   if len(completions) != len(prompts):
@@ -127,6 +123,17 @@ def evaluate(problems: Sequence[dict], complete: Callable[[list[str]], list[str]
   per_problem = [[truncate(c) for c in completions[i:i + samples]] for i in range(0, len(completions), samples)]
   records = score(problems, per_problem, timeout_s, limits, workers)
   return records, summarize(records, ks) | {"isolation": sandbox.best_isolation(), "timeout_s": timeout_s}
+
+
+def estimable_ks(samples: int, ks: Sequence[int] | None = None) -> list[int]:
+  """The k of pass@k to report: `ks`, or those of PASS_AT that `samples` per problem can estimate;
+  a ConfigError naming --samples when they are too few."""
+  if samples < 1:
+    raise ConfigError("--samples", f"must be >= 1, got {samples}")
+  ks = [k for k in PASS_AT if k <= samples] if ks is None else list(ks)
+  if ks and max(ks) > samples:
+    raise ConfigError("--samples", f"{samples} samples per problem cannot estimate pass@{max(ks)}")
+  return ks
 
 
 def write_results(records: Sequence[dict], summary: dict, records_path, summary_path) -> None:

@@ -20,16 +20,15 @@ def generate_text(model, tokenizer: Tokenizer, prompts: Sequence[str], *, max_ne
   ids = [bos + tokenizer.encode(prompt).tolist() for prompt in prompts]
   new_ids = engine.generate(model, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                             top_k=top_k, eos_id=tokenizer.eos_id, seed=seed, mesh=mesh)
-  return [truncate(continuation(tokenizer, p, n), stop) for p, n in zip(ids, new_ids, strict=True)]
+  return [truncate(continuation(tokenizer, n), stop) for n in new_ids]
 
 
-def continuation(tokenizer: Tokenizer, prompt_ids: list[int], new_ids: list[int]) -> str:
-  """The text `new_ids` add after the prompt, EOS dropped. Decoded together with the prompt: a token's
-  text can depend on what precedes it (sentencepiece drops a leading space at the start of a text)."""
+def continuation(tokenizer: Tokenizer, new_ids: list[int]) -> str:
+  """The text `new_ids` add after the prompt, EOS dropped: their tokens' exact bytes, so a leading space
+  or indentation is kept (decoding them alone, sentencepiece would drop a leading space)."""
   if new_ids and new_ids[-1] == tokenizer.eos_id:
     new_ids = new_ids[:-1]
-  head, whole = tokenizer.decode(prompt_ids), tokenizer.decode(prompt_ids + new_ids)
-  return whole[len(head):] if whole.startswith(head) else tokenizer.decode(new_ids)
+  return tokenizer.bytes_of(new_ids).decode("utf-8", errors="replace")
 
 
 def truncate(text: str, stop: Sequence[str]) -> str:
