@@ -350,3 +350,26 @@ def test_eval_fim_infills_in_the_model_s_format_and_scores_each_line(run_dir, tm
   summary = json.loads((out / "fim.json").read_text())
   assert len(records) == 6 and all(r["infill"].endswith("\n") and r["infill"].count("\n") == 1 for r in records)
   assert summary["tasks"] == 6 and summary["mode"] == mode and 0.0 <= summary["exact_match"] <= 1.0
+
+
+@pytest.mark.slow
+def test_generate_writes_completions_and_bad_prompts_are_one_clear_error(run_dir, tmp_path, capsys):
+  out = tmp_path / "completions.jsonl"
+  prompts = tmp_path / "prompts.jsonl"
+  prompts.write_text(json.dumps({"prompt": "def add(a, b):\n"}) + "\n" + json.dumps({"prompt": "import os\n"}) + "\n")
+  assert cli.main(["generate", f"--checkpoint={run_dir}", f"--prompts={prompts}", "--max-new-tokens=6",
+                   f"--out={out}"]) == 0
+  rows = [json.loads(line) for line in out.read_text().splitlines()]
+  assert [r["prompt"] for r in rows] == ["def add(a, b):\n", "import os\n"] and all(isinstance(r["completion"], str)
+                                                                                    for r in rows)
+  capsys.readouterr()
+  (tmp_path / "bad.jsonl").write_text('{"text": "x"}\n')
+  for args, words in ((["--prompt=x", f"--prompts={prompts}"], "--prompt: give --prompt TEXT"),
+                      ([f"--prompts={tmp_path / 'bad.jsonl'}"], "line 1 has no string field 'prompt'"),
+                      (["--prompt=" + "x " * 2000], "--prompt: prompt 0 is"),
+                      (["--prompt=x", "--top-p=0"], "--top-p")):
+    target = tmp_path / "never.jsonl"
+    assert cli.main(["generate", f"--checkpoint={run_dir}", *args, f"--out={target}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("pretrain generate: error: ") and words in err, err
+    assert not target.exists()
