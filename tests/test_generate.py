@@ -231,13 +231,15 @@ for name, sizes in [("tiny-qwen2", dict(data=2, fsdp=2, tensor=2)), ("tiny-deeps
     got = generate.generate_with_stats(model, prompts, max_new_tokens=12, mesh=mesh, **kw)
     assert got.tokens == want, (name, kw, got.tokens, want)
     assert got.batch == 4  # 3 prompts, padded to split over data x fsdp x expert = 4
+  # The stacks scanned in the decode loop too, as on accelerators (on CPU the layers are split out).
+  assert generate.generate(model, prompts, max_new_tokens=12, mesh=mesh, split_layers=False, **kw) == want
   if name == "tiny-qwen2":  # the cache as generation places it: rows over the batch axes, kv heads over tensor
     _, cache = generate.engine._prefill_and_sample(
         *generate.engine._placed(model, mesh, generate.engine.DEFAULT_AXIS_RULES), np.ones((4, 16), np.int32),
         np.ones(4, np.int32), np.uint32(0), cache_length=32, sampling=generate.Sampling(), mesh=mesh,
-        rules=generate.engine.DEFAULT_AXIS_RULES)
-    spec = cache[0][0].sharding.spec
-    assert tuple(spec)[:4] == (None, ("data", "fsdp"), None, "tensor"), spec
+        rules=generate.engine.DEFAULT_AXIS_RULES, split_layers=False)
+    spec = cache[0][0].sharding.spec  # [layers, B, M, T, H]
+    assert (tuple(spec) + (None,) * 5)[:4] == (None, ("data", "fsdp"), "tensor", None), spec
 print("ok")
 """
 

@@ -103,6 +103,13 @@ class CausalLM(nnx.Module):
       entries.append(stack_entries)
     return self.norm(x_Bx1xD), entries
 
+  def with_layers_split(self) -> CausalLM:
+    """This model with every layer a stack of its own (BlockStack.split: its parameters copied out),
+    sharing every other parameter: the decode layout on XLA:CPU (generate/engine.py)."""
+    model = nnx.merge(*nnx.split(self))  # new Variables over the same arrays
+    model.layers = nnx.List([one for stack in model.layers for one in stack.split()])
+    return model
+
   def _pin(self, x_BxSxD: jnp.ndarray) -> jnp.ndarray:
     if self.activation_sharding is None:
       return x_BxSxD

@@ -14,7 +14,7 @@ from pretrain.models.parallelism import Parallelism
 
 class Qwen2Attention(nnx.Module):
   # What a decode cache keeps per token (logical axes of each array's per-token part): the rotated
-  # key and the value of each of the M kv heads.
+  # key and the value of each of the M kv heads, cached as [B, M, T, H] (kv_cache.py).
   CACHE_AXES = (("kv_heads", "head_dim"), ("kv_heads", "head_dim"))
 
   def __init__(self, config: Qwen2Config, *, rngs: nnx.Rngs, context_parallel: ContextParallel | None = None):
@@ -34,37 +34,39 @@ class Qwen2Attention(nnx.Module):
     return self.prefill(x_BxSxD, positions_BxS, segment_ids_BxS)[0]
 
   def prefill(self, x_BxSxD, positions_BxS, segment_ids_BxS=None):
-    """The forward pass -> (output [B, S, D], what a decode cache keeps of these tokens: k, v [B, S, M, H])."""
+    """The forward pass -> (output [B, S, D], what a decode cache keeps of these tokens: k, v [B, M, S, H])."""
     q_BxSxNxH, k_BxSxMxH, v_BxSxMxH = self._qkv(x_BxSxD, positions_BxS)
     out_BxSxNxH = attention.attend(q_BxSxNxH, k_BxSxMxH, v_BxSxMxH, scale=self.config.head_dim**-0.5,
                                    segment_ids_BxS=segment_ids_BxS,
                                    implementation=self.config.attention_implementation,
                                    context_parallel=self.context_parallel)
-    return layers.einsum("BSNH,NHD->BSD", out_BxSxNxH, self.o_proj, x_BxSxD.dtype), (k_BxSxMxH, v_BxSxMxH)
+    out_BxSxD = layers.einsum("BSNH,NHD->BSD", out_BxSxNxH, self.o_proj, x_BxSxD.dtype)
+    return out_BxSxD, (k_BxSxMxH.transpose(0, 2, 1, 3), v_BxSxMxH.transpose(0, 2, 1, 3))
 
   def decode(self, x_Bx1xD, positions_Bx1, cache):
     """One new token per row, at its row's position, attending to the row's cached keys before that
-    position and to itself -> (output [B, 1, D], its k, v [B, 1, M, H] for the cache).
+    position and to itself -> (output [B, 1, D], its k, v [B, M, 1, H] for the cache).
 
-    `cache`: this layer's (k, v) [B, T, M, H]; indices at or past a row's position are not read.
+    `cache`: this layer's (k, v) [B, M, T, H]; indices at or past a row's position are not read.
     """
-    k_cache_BxTxMxH, v_cache_BxTxMxH = cache
+    k_cache_BxMxTxH, v_cache_BxMxTxH = cache
     q_Bx1xNxH, k_Bx1xMxH, v_Bx1xMxH = self._qkv(x_Bx1xD, positions_Bx1)
     batch, _, num_heads, head_dim = q_Bx1xNxH.shape
     kv_heads = k_Bx1xMxH.shape[2]
     # Query head n reads kv head n // G, as in attention.dot_product_attention.
     q_BxMxGxH = (q_Bx1xNxH * jnp.asarray(head_dim**-0.5, q_Bx1xNxH.dtype)).reshape(
         batch, kv_heads, num_heads // kv_heads, head_dim)
-    scores_BxMxGxT = jnp.einsum("BMGH,BTMH->BMGT", q_BxMxGxH, k_cache_BxTxMxH, preferred_element_type=jnp.float32)
+    scores_BxMxGxT = jnp.einsum("BMGH,BMTH->BMGT", q_BxMxGxH, k_cache_BxMxTxH, preferred_element_type=jnp.float32)
     self_BxMxG = jnp.einsum("BMGH,BMH->BMG", q_BxMxGxH, k_Bx1xMxH[:, 0], preferred_element_type=jnp.float32)
-    valid_BxT = jnp.arange(k_cache_BxTxMxH.shape[1]) < positions_Bx1
+    valid_BxT = jnp.arange(k_cache_BxMxTxH.shape[2]) < positions_Bx1
     probs_BxMxGxT, probs_BxMxG = layers.decode_softmax(scores_BxMxGxT, self_BxMxG, valid_BxT[:, None, None])
-    dtype = v_cache_BxTxMxH.dtype
-    out_BxMxGxH = (jnp.einsum("BMGT,BTMH->BMGH", probs_BxMxGxT.astype(dtype), v_cache_BxTxMxH,
+    dtype = v_cache_BxMxTxH.dtype
+    out_BxMxGxH = (jnp.einsum("BMGT,BMTH->BMGH", probs_BxMxGxT.astype(dtype), v_cache_BxMxTxH,
                               preferred_element_type=dtype)
                    + probs_BxMxG[..., None].astype(dtype) * v_Bx1xMxH[:, 0, :, None])
     out_Bx1xNxH = out_BxMxGxH.reshape(batch, 1, num_heads, head_dim)
-    return layers.einsum("BSNH,NHD->BSD", out_Bx1xNxH, self.o_proj, x_Bx1xD.dtype), (k_Bx1xMxH, v_Bx1xMxH)
+    out_Bx1xD = layers.einsum("BSNH,NHD->BSD", out_Bx1xNxH, self.o_proj, x_Bx1xD.dtype)
+    return out_Bx1xD, (k_Bx1xMxH.transpose(0, 2, 1, 3), v_Bx1xMxH.transpose(0, 2, 1, 3))
 
   def _qkv(self, x_BxSxD, positions_BxS):
     """q [B, S, N, H], k and v [B, S, M, H], q and k rotated to their positions."""
