@@ -52,7 +52,8 @@ def write(cache: Cache, entries: Cache, positions_B: jnp.ndarray) -> Cache:
     def put(a, e):
       start = (0, row) + (0,) * (a.ndim - 4) + (positions_B[row], 0)
       return jax.lax.dynamic_update_slice(a, jax.lax.dynamic_slice_in_dim(e, row, 1, axis=1), start)
-    return [tuple(put(a, e) for a, e in zip(stack, new, strict=True)) for stack, new in zip(cache, entries, strict=True)]
+    return [tuple(put(a, e) for a, e in zip(stack, new, strict=True))
+            for stack, new in zip(cache, entries, strict=True)]
   return jax.lax.fori_loop(0, positions_B.shape[0], write_row, cache)
 
 
