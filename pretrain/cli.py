@@ -5,7 +5,7 @@
   pretrain convert --from-hf HF_DIR --to-orbax CKPT_DIR
   pretrain convert --from-orbax CKPT_DIR --to-hf HF_DIR [--dtype=bfloat16]
   pretrain parity [--workdir=DIR]
-  pretrain prepare [--config=FILE[:ARG]] [--workers=N] [--overwrite-mismatch]
+  pretrain prepare [--config=FILE[:ARG]] [--workers=N] [--overwrite-mismatch] [--engine=beam --beam-option=OPT ...]
   pretrain prepare --input PATH [--input PATH ...] --domain code --tokenizer TOK --out DIR
   pretrain tokenizer train [--config=FILE[:ARG]] [--input PATH ...] --out DIR --vocab-size N
   pretrain eval niah --checkpoint=CKPT --lengths=1k,2k,4k [--depths=0,0.25,0.5,0.75,1] [--trials=5] [--out=DIR]
@@ -156,7 +156,8 @@ def cmd_prepare(args: argparse.Namespace, config_flags: list[str]) -> None:
     tokens = special_tokens_from_config(tokenizer_dir if tokenizer_dir.is_dir() else tokenizer_dir.parent)
     tokenizer = load_tokenizer(args.tokenizer, tokens, key="--tokenizer").with_known_fim_sentinels()
     config = Prepare(**({} if args.workers is None else {"workers": args.workers}),
-                     skip_corrupt_records=args.skip_corrupt_records, fallback_encoding=args.fallback_encoding)
+                     skip_corrupt_records=args.skip_corrupt_records, fallback_encoding=args.fallback_encoding,
+                     **_engine_settings(args, Prepare()))
     try:
       config.validate("prepare")
     except ConfigError as e:  # named by its flag here
@@ -174,13 +175,23 @@ def cmd_prepare(args: argparse.Namespace, config_flags: list[str]) -> None:
     _, experiment = config_lib.load(config_flags)
     if experiment.data is None:
       raise ConfigError("config.data", "this config has no data section to prepare")
-    _, _, manifest = workspace.ensure_prepared(experiment.data, workers=args.workers,
-                                               overwrite_mismatch=args.overwrite_mismatch)
+    data = experiment.data
+    if args.engine or args.beam_option:  # how it runs, not what it makes: flags may override the config
+      data = dataclasses.replace(data, prepare=dataclasses.replace(data.prepare,
+                                                                   **_engine_settings(args, data.prepare)))
+      data.prepare.validate("config.data.prepare")
+    _, _, manifest = workspace.ensure_prepared(data, workers=args.workers, overwrite_mismatch=args.overwrite_mismatch)
   for name, component in manifest["components"].items():
     fallback = component.get("fallback_decoded", {})
     notes = prepare.file_notes(component["skipped"], fallback.get("files", 0), fallback.get("encoding"))
     print(f"{name:<10} {component['documents_written']:>9,} documents  {component['tokens_written']:>13,} tokens"
           + (f"  ({notes})" if notes else ""))
+
+
+def _engine_settings(args: argparse.Namespace, prepare) -> dict:
+  """--engine and --beam-option over the config's engine and beam_options; a Beam option implies Beam."""
+  engine = args.engine or ("beam" if args.beam_option else prepare.engine)
+  return {"engine": engine, "beam_options": tuple(args.beam_option) or prepare.beam_options}
 
 
 def cmd_tokenizer(args: argparse.Namespace, config_flags: list[str]) -> None:
@@ -492,6 +503,10 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, Callable]]:
   p.add_argument("--workers", type=int, default=None, help="worker processes (default: the config's; 0 = all cores)")
   p.add_argument("--overwrite-mismatch", action="store_true",
                  help="replace a preparation of other inputs/tokenizer/config in the output directory")
+  p.add_argument("--engine", choices=["local", "beam"], default=None,
+                 help="local: this host's process pool (default); beam: an Apache Beam pipeline (pretrain[beam])")
+  p.add_argument("--beam-option", action="append", default=[], metavar="OPTION",
+                 help="a Beam pipeline option, e.g. --beam-option=--runner=DataflowRunner (repeat for each)")
   p.add_argument("--input", action="append", default=[], metavar="PATH",
                  help="an input (directory, .jsonl[.gz], .parquet, glob) for an ad-hoc preparation")
   p.add_argument("--domain", choices=["code", "math", "text"], help="the domain of the --input documents")

@@ -15,6 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from datasketch import MinHashLSH
 
 from pretrain import schema
 from pretrain.data import dedup, prepare, records, sources
@@ -121,17 +122,46 @@ def read_documents(out: pathlib.Path, component: str) -> list[records.Document]:
 
 
 # Dedup on its own.
+def dedup_texts(texts: list[str], config: Dedup = Dedup()) -> dict[int, str]:
+  return dedup.duplicates([(k, dedup.content_hash(t), dedup.signature(t, config)) for k, t in enumerate(texts)],
+                          config)
+
+
 def test_near_duplicate_caught_and_unrelated_kept():
+  assert dedup_texts([ORIGINAL, lightly_edited(ORIGINAL), code_file(2), ORIGINAL]) == {
+      1: "near_duplicate", 3: "exact_duplicate"}
+  # The smallest key is kept whatever the order candidates come in.
   config = Dedup()
-  deduplicator = dedup.Deduplicator(config)
+  candidates = [(k, dedup.content_hash(t), dedup.signature(t, config))
+                for k, t in [(5, ORIGINAL), (2, lightly_edited(ORIGINAL)), (9, ORIGINAL)]]
+  assert dedup.duplicates(candidates, config) == {5: "near_duplicate", 9: "exact_duplicate"}
 
-  def offer(text):
-    return deduplicator.offer(dedup.content_hash(text), dedup.signature(text, config))
 
-  assert offer(ORIGINAL) is None
-  assert offer(lightly_edited(ORIGINAL)) == "near_duplicate"
-  assert offer(code_file(2)) is None
-  assert offer(ORIGINAL) == "exact_duplicate"
+def chain(text: str, edits: int) -> list[str]:
+  """`text`, then versions of it each one line further from it than the one before."""
+  lines, out = text.splitlines(), []
+  for i in range(edits + 1):
+    out.append("\n".join(lines) + "\n")
+    lines[(37 * i + 5) % len(lines)] = f"  # edit {i}"
+  return out
+
+
+CHAIN = chain(ORIGINAL, 10)[1::4]  # 4 lines apart: Jaccard ~0.88; a and c, 8 apart: ~0.80
+
+
+def test_near_dedup_is_connected_components():
+  """a~b~c with a and c not similar: greedy dedup in order would keep a and c; components keep a alone."""
+  config = Dedup()
+  a, b, c = CHAIN
+  sa, sb, sc = (dedup.signature(t, config) for t in (a, b, c))
+  assert dedup.similar(sa, sb, config.threshold) and dedup.similar(sb, sc, config.threshold)
+  assert not dedup.similar(sa, sc, config.threshold)
+  bands = [set(dedup.band_keys(s, config)) for s in (sa, sb, sc)]
+  assert bands[0] & bands[1] and bands[1] & bands[2]  # LSH candidates, not only similar
+  assert dedup_texts([a, b, c]) == {1: "near_duplicate", 2: "near_duplicate"}  # greedy kept c (not like a)
+  assert dedup_texts([c, a, b]) == {1: "near_duplicate", 2: "near_duplicate"}  # the smallest key, c, kept
+  assert dedup.band_split(0.85, 128) == (MinHashLSH(threshold=0.85, num_perm=128).b,
+                                         MinHashLSH(threshold=0.85, num_perm=128).r)
 
 
 def test_signature_estimates_jaccard():

@@ -65,8 +65,17 @@ class Prepare:
   # "shift_jis") it is decoded with that instead, when that gives text without control characters. One
   # codec, not a guess per file: detection misreads the few accented letters of a mostly-ASCII file.
   fallback_encoding: str | None = None
+  # "local": this host's process pool. "beam": an Apache Beam pipeline (pretrain/data/prepare_beam.py) run
+  # with `beam_options` (e.g. "--runner=DataflowRunner", "--project=p", "--temp_location=gs://b/tmp"; none:
+  # Beam's in-process DirectRunner). Both write the same shards and manifest.
+  engine: str = "local"
+  beam_options: tuple[str, ...] = ()
 
   def validate(self, key: str) -> None:
+    if self.engine not in ("local", "beam"):
+      raise ConfigError(f"{key}.engine", f"must be 'local' or 'beam', got {self.engine!r}")
+    if self.beam_options and self.engine != "beam":
+      raise ConfigError(f"{key}.beam_options", "set only with engine='beam'")
     if self.fallback_encoding is not None:
       try:
         b"a".decode(self.fallback_encoding)  # LookupError for an unknown codec and for bytes-to-bytes ones

@@ -3,8 +3,8 @@
 Per component, two passes over its input files (`sources.Unit`s) on a process pool:
   1. select: read -> drop empty documents -> the paper's code filters (code domain only)
      -> content hash and MinHash signature of `tokenizer.normalize(text)` (workers)
-     -> exact and near dedup in input order (parent). The kept documents' places are
-     saved in `<component>/selection.npz`.
+     -> exact and near dedup, each a group's smallest document key kept (parent; the rule is in
+     dedup.py's docstring). The kept documents' places are saved in `<component>/selection.npz`.
   2. write: re-read the kept documents -> tokenize the normalized text -> drop those whose
      tokens do not stand for it byte for byte (workers) -> shards of `docs_per_shard` kept
      documents, each with its stats beside it (parent).
@@ -21,6 +21,9 @@ selections and every finished shard (a shard and its `.stats.json` both present;
 written under a temporary name and renamed); another fingerprint is refused unless
 `overwrite_mismatch`. Shard i always holds kept documents [i * docs_per_shard, (i + 1) *
 docs_per_shard), so a rerun writes exactly the shards an interrupted run lacked.
+
+With `config.engine = "beam"` the same two passes run as Apache Beam pipelines (prepare_beam.py),
+from the same functions (`scan_unit`, `tokenize_unit`, `finish_shard`), to the same files.
 
 Workers start from a fork server (spawn where there is none), as in Python 3.14: a script
 that calls `prepare` with more than one worker needs the usual `if __name__ == "__main__":`.
@@ -54,6 +57,7 @@ MAX_NOT_BYTE_EXACT = 0.01  # above this fraction of a component's kept documents
 DROP_REASONS = ("empty", *filters.RULES, "exact_duplicate", "near_duplicate", "tokenizer_not_byte_exact")
 SKIP_REASONS = ("unknown_type_files", "binary_files", "undecodable_files", "corrupt_records", "corrupt_files")
 _LATER_SETTINGS = ("fallback_encoding",)  # Prepare fields left out of plan and manifest while None (_config_dict)
+_HOW_SETTINGS = ("engine", "beam_options")  # how it runs, not what it makes: never in plan or manifest
 
 
 class Tokenizer(Protocol):
@@ -79,20 +83,22 @@ def prepare(mixture: Mixture, out_dir, tokenizer: Tokenizer, *, config: Prepare,
   plan = _plan(mixture, units, tokenizer, tokenizer_path, config)
   old, problem = _check_claim(out, plan, mixture, overwrite_mismatch)
   reuse = old is not None and problem is None  # saved selections are this plan's
-  workers = config.workers or os.cpu_count() or 1
   components = {}
-  with _pool(workers, tokenizer, config) as pool:
-    selections = {c.name: _select(out / c.name / SELECTION if reuse else None, c, units[c.name],
-                                  skipped_files[c.name], pool, workers, config, log) for c in mixture.components}
+  with _engine(tokenizer, config) as engine:
+    selections = {c.name: _load_selection(out / c.name / SELECTION) if reuse else None for c in mixture.components}
+    selections.update(engine.select([c for c in mixture.components if selections[c.name] is None], units,
+                                    skipped_files, log))
     _check_documents(mixture, units, selections, config)  # before anything is written
     _claim(out, plan, mixture, old, problem)
     for component in mixture.components:
-      directory = out / component.name
-      selection = selections[component.name]
-      if not (directory / SELECTION).exists():
-        _save_selection(directory / SELECTION, selection)
-      shards = _write_shards(directory, component, units[component.name], selection, pool, workers, config, log)
-      components[component.name] = _component_manifest(component, mixture, selection["stats"], shards, config)
+      if not (out / component.name / SELECTION).exists():
+        _save_selection(out / component.name / SELECTION, selections[component.name])
+    all_shards = engine.write_shards(out, mixture.components, units, selections, log)
+    for component in mixture.components:
+      shards = all_shards[component.name]
+      _check_byte_exact(component, shards, len(selections[component.name]["unit"]))
+      components[component.name] = _component_manifest(component, mixture, selections[component.name]["stats"],
+                                                        shards, config)
   manifest = _manifest(mixture, plan, config, components)
   _write_json(out / MANIFEST, manifest)
   log(f"wrote {out / MANIFEST}: {manifest['documents_written']} documents, {manifest['tokens_written']} tokens")
@@ -108,9 +114,13 @@ def _init_worker(tokenizer: Tokenizer, config: Prepare) -> None:
 
 
 def _scan(task: tuple[sources.Unit, str]) -> tuple[list[tuple], dict]:
-  """Pass 1 on one unit: (language, drop reason or None, content hash, MinHash signature) per document."""
   unit, domain = task
-  tokenizer, config = _WORKER["tokenizer"], _WORKER["config"]
+  return scan_unit(unit, domain, _WORKER["tokenizer"], _WORKER["config"])
+
+
+def scan_unit(unit: sources.Unit, domain: str, tokenizer: Tokenizer, config: Prepare) -> tuple[list[tuple], dict]:
+  """Pass 1 on one unit: (language, drop reason or None, content hash, MinHash signature) per document, and
+  the counts of what it skipped."""
   skipped = collections.Counter()
   docs = []
   for doc in sources.read_unit(unit, skipped, skip_corrupt=config.skip_corrupt_records,
@@ -132,9 +142,14 @@ def _scan(task: tuple[sources.Unit, str]) -> tuple[list[tuple], dict]:
 
 
 def _tokenize(task: tuple[sources.Unit, list[int], list[int]]) -> list[tuple]:
-  """Pass 2 on one unit: (ordinal, language, source, tokens or None, drop reason or None) per wanted document."""
   unit, positions, ordinals = task
-  tokenizer, config = _WORKER["tokenizer"], _WORKER["config"]
+  return tokenize_unit(unit, positions, ordinals, _WORKER["tokenizer"], _WORKER["config"])
+
+
+def tokenize_unit(unit: sources.Unit, positions: list[int], ordinals: list[int], tokenizer: Tokenizer,
+                  config: Prepare) -> list[tuple]:
+  """Pass 2 on one unit: (ordinal, language, source, tokens or None, drop reason or None) per wanted document
+  (`positions` ascending, each with its place among the component's kept documents in `ordinals`)."""
   wanted = dict(zip(positions, ordinals))
   out = []
   documents = sources.read_unit(unit, collections.Counter(), skip_corrupt=config.skip_corrupt_records,
@@ -180,39 +195,93 @@ def _chunksize(tasks: int, workers: int) -> int:
   return max(1, min(32, tasks // (workers * 8)))
 
 
+@contextlib.contextmanager
+def _engine(tokenizer: Tokenizer, config: Prepare):
+  if config.engine == "beam":
+    try:
+      from pretrain.data import prepare_beam  # Beam is an optional dependency
+    except ImportError as e:
+      raise ConfigError("config.data.prepare.engine", f"'beam' needs Apache Beam ({e}): pip install "
+                        "'pretrain[beam]' (Dataflow: 'pretrain[dataflow]')") from None
+    yield prepare_beam.BeamEngine(tokenizer, config)
+    return
+  workers = config.workers or os.cpu_count() or 1
+  with _pool(workers, tokenizer, config) as pool:
+    yield _LocalEngine(pool, workers, config)
+
+
+class _LocalEngine:
+  """Both passes on this host's process pool, one component after the other."""
+
+  def __init__(self, pool, workers: int, config: Prepare):
+    self.pool, self.workers, self.config = pool, workers, config
+
+  def select(self, components: list[Component], units: dict[str, list[sources.Unit]],
+             skipped_files: dict[str, collections.Counter], log) -> dict[str, dict]:
+    return {c.name: _select(c, units[c.name], skipped_files[c.name], self.pool, self.workers, self.config, log)
+            for c in components}
+
+  def write_shards(self, out: pathlib.Path, components: list[Component], units: dict[str, list[sources.Unit]],
+                   selections: dict[str, dict], log) -> dict[str, list[dict]]:
+    return {c.name: _write_shards(out / c.name, c, units[c.name], selections[c.name], self.pool, self.workers,
+                                  self.config, log) for c in components}
+
+
 # Pass 1: selection.
-def _select(path: pathlib.Path | None, component: Component, units: list[sources.Unit],
-            skipped_files: collections.Counter, pool, workers: int, config: Prepare, log) -> dict:
-  """The kept documents' places and the counts of the rest: read from `path` if saved there, else computed."""
-  if path is not None and path.exists():
-    with np.load(path) as saved:
-      return {"stats": json.loads(str(saved["stats"])), "unit": saved["unit"], "position": saved["position"]}
+def _select(component: Component, units: list[sources.Unit], skipped_files: collections.Counter, pool,
+            workers: int, config: Prepare, log) -> dict:
+  """The kept documents' places and the counts of the rest."""
   log(f"{component.name}: reading, filtering and deduplicating {len(units)} files")
-  deduplicator = dedup.Deduplicator(config.dedup)
   by_language: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
   skipped = collections.Counter(skipped_files)
-  kept_unit, kept_position = [], []
+  candidates, candidate_languages = [], []  # documents no filter dropped, for dedup
   tasks = ((unit, component.domain) for unit in units)
   for u, (docs, unit_skipped) in enumerate(pool.imap(_scan, tasks, _chunksize(len(units), workers))):
     skipped.update(unit_skipped)
     for position, (language, reason, digest, hashvalues) in enumerate(docs):
-      counts = by_language[language]
-      counts["documents_read"] += 1
-      reason = reason or deduplicator.offer(digest, hashvalues)
+      by_language[language]["documents_read"] += 1
       if reason:
-        counts[reason] += 1
+        by_language[language][reason] += 1
       else:
-        kept_unit.append(u)
-        kept_position.append(position)
-  stats = {"skipped": {r: skipped[r] for r in SKIP_REASONS},
-           "by_language": {language: dict(counts) for language, counts in sorted(by_language.items())}}
-  if config.fallback_encoding:  # (without one, the selection saved is what it was before the setting existed)
-    stats["fallback_decoded_files"] = skipped["fallback_decoded_files"]
-  selection = {"stats": stats, "unit": np.asarray(kept_unit, np.int64), "position": np.asarray(kept_position, np.int64)}
-  notes = file_notes(stats["skipped"], stats.get("fallback_decoded_files", 0), config.fallback_encoding)
-  log(f"{component.name}: kept {len(kept_unit)} of {sum(c['documents_read'] for c in by_language.values())} documents"
-      + (f" ({notes})" if notes else ""))
+        candidates.append((dedup.doc_key(u, position), digest, hashvalues))
+        candidate_languages.append(language)
+  dropped = dedup.duplicates(candidates, config.dedup)
+  kept = []
+  for (key, _, _), language in zip(candidates, candidate_languages):
+    if key in dropped:
+      by_language[language][dropped[key]] += 1
+    else:
+      kept.append(key)
+  selection = make_selection(by_language, skipped, kept, config)
+  log_selection(component, selection, config, log)
   return selection
+
+
+def make_selection(by_language: dict[str, dict], skipped: dict, kept_keys: list[int], config: Prepare) -> dict:
+  """A component's selection from its counts and its kept documents' keys (dedup.doc_key), of either engine."""
+  stats = {"skipped": {r: skipped.get(r, 0) for r in SKIP_REASONS},
+           # Counts in one order, whichever order an engine met them in: saved selections of both read the same.
+           "by_language": {language: {what: counts[what] for what in ("documents_read", *DROP_REASONS)
+                                      if what in counts} for language, counts in sorted(by_language.items())}}
+  if config.fallback_encoding:  # (without one, the selection saved is what it was before the setting existed)
+    stats["fallback_decoded_files"] = skipped.get("fallback_decoded_files", 0)
+  places = [dedup.unit_and_position(key) for key in sorted(kept_keys)]
+  return {"stats": stats, "unit": np.asarray([u for u, _ in places], np.int64).reshape(-1),
+          "position": np.asarray([p for _, p in places], np.int64).reshape(-1)}
+
+
+def log_selection(component: Component, selection: dict, config: Prepare, log) -> None:
+  stats = selection["stats"]
+  notes = file_notes(stats["skipped"], stats.get("fallback_decoded_files", 0), config.fallback_encoding)
+  read = sum(c["documents_read"] for c in stats["by_language"].values())
+  log(f"{component.name}: kept {len(selection['unit'])} of {read} documents" + (f" ({notes})" if notes else ""))
+
+
+def _load_selection(path: pathlib.Path) -> dict | None:
+  if not path.exists():
+    return None
+  with np.load(path) as saved:
+    return {"stats": json.loads(str(saved["stats"])), "unit": saved["unit"], "position": saved["position"]}
 
 
 def _save_selection(path: pathlib.Path, selection: dict) -> None:
@@ -284,8 +353,12 @@ def _stats_path(shard: pathlib.Path) -> pathlib.Path:
   return shard.with_name(shard.name.removesuffix(records.SHARD_SUFFIX) + ".stats.json")
 
 
-def _write_shards(directory: pathlib.Path, component: Component, units: list[sources.Unit], selection: dict,
-                  pool, workers: int, config: Prepare, log) -> list[dict]:
+def shard_work(directory: pathlib.Path, selection: dict, units: list[sources.Unit], config: Prepare
+               ) -> tuple[list[pathlib.Path], dict[int, dict], list[tuple]]:
+  """(every shard's path, the stats of those finished before, (unit, positions, ordinals) tasks for the rest).
+
+  Shard i holds kept documents [i * docs_per_shard, (i + 1) * docs_per_shard) in key order, whichever engine
+  writes it."""
   kept = len(selection["unit"])
   per_shard = config.docs_per_shard
   count = math.ceil(kept / per_shard)
@@ -293,8 +366,6 @@ def _write_shards(directory: pathlib.Path, component: Component, units: list[sou
   stats = {i: json.loads(_stats_path(p).read_text()) for i, p in enumerate(paths)
            if p.exists() and _stats_path(p).exists()}
   todo = [i for i in range(count) if i not in stats]
-  if todo:
-    log(f"{component.name}: tokenizing {len(todo)} of {count} shards")
   ordinals = np.concatenate([np.arange(i * per_shard, min(kept, (i + 1) * per_shard)) for i in todo] or [[]])
   ordinals = ordinals.astype(np.int64)
   unit_of, position_of = selection["unit"][ordinals], selection["position"][ordinals]
@@ -302,26 +373,43 @@ def _write_shards(directory: pathlib.Path, component: Component, units: list[sou
   ends = [*starts[1:], len(ordinals)]
   tasks = [(units[unit_of[s]], position_of[s:e].tolist(), ordinals[s:e].tolist()) for s, e in zip(starts, ends)
            if e > s]
+  return paths, stats, tasks
+
+
+def read_shard_stats(path: pathlib.Path) -> dict:
+  return json.loads(_stats_path(path).read_text())
+
+
+def _write_shards(directory: pathlib.Path, component: Component, units: list[sources.Unit], selection: dict,
+                  pool, workers: int, config: Prepare, log) -> list[dict]:
+  kept = len(selection["unit"])
+  per_shard = config.docs_per_shard
+  paths, stats, tasks = shard_work(directory, selection, units, config)
+  if len(stats) < len(paths):
+    log(f"{component.name}: tokenizing {len(paths) - len(stats)} of {len(paths)} shards")
   building: dict[int, list] = {}
   for results in pool.imap(_tokenize, tasks, _chunksize(len(tasks), workers)):
     for ordinal, language, source, tokens, reason in results:
       i = ordinal // per_shard
       building.setdefault(i, []).append((language, source, tokens, reason))
       if ordinal == min(kept, (i + 1) * per_shard) - 1:
-        stats[i] = _finish_shard(paths[i], component, building.pop(i))
+        stats[i] = finish_shard(paths[i], component, building.pop(i))
         log(f"{component.name}: wrote {paths[i].name} ({stats[i]['documents_written']} documents)")
-  shards = [{"path": f"{component.name}/{p.name}", **stats[i]} for i, p in enumerate(paths)]
+  return [{"path": f"{component.name}/{p.name}", **stats[i]} for i, p in enumerate(paths)]
+
+
+def _check_byte_exact(component: Component, shards: list[dict], kept: int) -> None:
   not_exact = sum(s["dropped"].get("tokenizer_not_byte_exact", 0) for s in shards)
   if not_exact > MAX_NOT_BYTE_EXACT * kept:
     example = next(s["first_not_byte_exact"] for s in shards if s["first_not_byte_exact"])
     raise ConfigError("tokenizer", f"{not_exact} of {kept} documents of component {component.name!r} "
                       f"({not_exact / kept:.1%}) do not tokenize byte-exactly, e.g. {example}: the tokenizer is "
                       "not lossless; use one with byte fallback (or byte-level BPE) and no lossy normalization")
-  return shards
 
 
-def _finish_shard(path: pathlib.Path, component: Component, entries: list) -> dict:
-  """Writes a shard, then its stats; together they mark it finished."""
+def finish_shard(path: pathlib.Path, component: Component, entries: list) -> dict:
+  """Writes a shard of (language, source, tokens, drop reason) entries in ordinal order, then its stats; together
+  they mark it finished."""
   by_language = collections.defaultdict(collections.Counter)
   dropped = collections.Counter()
   docs, first_not_exact = [], None
@@ -366,7 +454,8 @@ def _plan(mixture: Mixture, units: dict[str, list[sources.Unit]], tokenizer: Tok
 def _config_dict(config: Prepare) -> dict:
   """The settings as plan and manifest record them. One added since FORMAT 1 appears only when set, so that a
   directory prepared before it existed still matches its plan, and its manifest reads the same."""
-  return {k: v for k, v in schema.to_dict(config).items() if not (k in _LATER_SETTINGS and v is None)}
+  return {k: v for k, v in schema.to_dict(config).items()
+          if not (k in _LATER_SETTINGS and v is None) and k not in _HOW_SETTINGS}
 
 
 def _size_and_mtime(path: str) -> tuple[int, int]:
