@@ -134,7 +134,7 @@ def cmd_parity(args: argparse.Namespace, config_flags: list[str]) -> None:
 
 def cmd_prepare(args: argparse.Namespace, config_flags: list[str]) -> None:
   from pretrain import config as config_lib
-  from pretrain.data import prepare, workspace
+  from pretrain.data import prepare, prepare_steps, workspace
   from pretrain.data.config import Prepare
 
   if args.input:  # an ad-hoc single-component preparation, no config file
@@ -183,7 +183,7 @@ def cmd_prepare(args: argparse.Namespace, config_flags: list[str]) -> None:
     _, _, manifest = workspace.ensure_prepared(data, workers=args.workers, overwrite_mismatch=args.overwrite_mismatch)
   for name, component in manifest["components"].items():
     fallback = component.get("fallback_decoded", {})
-    notes = prepare.file_notes(component["skipped"], fallback.get("files", 0), fallback.get("encoding"))
+    notes = prepare_steps.file_notes(component["skipped"], fallback.get("files", 0), fallback.get("encoding"))
     print(f"{name:<10} {component['documents_written']:>9,} documents  {component['tokens_written']:>13,} tokens"
           + (f"  ({notes})" if notes else ""))
 

@@ -18,7 +18,7 @@ import pytest
 from datasketch import MinHashLSH
 
 from pretrain import schema
-from pretrain.data import dedup, prepare, records, sources
+from pretrain.data import dedup, prepare, prepare_steps, records, sources
 from pretrain.data.config import Dedup, Prepare
 from pretrain.data.mixture import Mixture
 from pretrain.schema import ConfigError
@@ -442,7 +442,7 @@ def test_latin1_source_decoded_by_fallback(inputs, tmp_path):
   assert code["documents_read"] == 8
   texts = [bytes(d.tokens.astype(np.uint8)).decode() for d in read_documents(tmp_path / "out", "code")]
   assert LATIN1.decode("latin-1") in texts
-  assert prepare.file_notes(code["skipped"], 1, "latin-1") == (
+  assert prepare_steps.file_notes(code["skipped"], 1, "latin-1") == (
       "skipped 1 binary file, 1 file of unknown type; decoded as latin-1: 1 file")
 
 

@@ -21,7 +21,7 @@ import apache_beam as beam  # noqa: E402
 from apache_beam.testing.util import assert_that, equal_to  # noqa: E402
 
 from pretrain import schema  # noqa: E402
-from pretrain.data import builtin_corpus, dedup, prepare, records, sources  # noqa: E402
+from pretrain.data import builtin_corpus, dedup, prepare, prepare_steps, records, sources  # noqa: E402
 from pretrain.data.components_beam import ConnectedComponents  # noqa: E402
 from pretrain.data.config import Dedup, Prepare  # noqa: E402
 from pretrain.data.mixture import Mixture  # noqa: E402
@@ -181,7 +181,7 @@ def test_failed_run_leaves_no_finished_looking_shard(corpus, local, tmp_path):
     prepare_with(root, out, "--direct_num_workers=1", tokenizer=FailingTokenizer())
   assert not (out / "manifest.json").exists()
   for shard in out.glob(f"*/shard-*{records.SHARD_SUFFIX}"):
-    assert prepare._stats_path(shard).exists() or not shard.exists()
+    assert prepare_steps.stats_path(shard).exists() or not shard.exists()
     list(records.read_shard(shard))  # every file named like a shard is a whole one
   assert not list(out.glob("*/.*.tmp-*"))
   assert len(list(out.glob("math/shard-*.stats.json"))) < len(list(local.glob("math/shard-*.stats.json")))

@@ -23,7 +23,7 @@ written under a temporary name and renamed); another fingerprint is refused unle
 docs_per_shard), so a rerun writes exactly the shards an interrupted run lacked.
 
 With `config.engine = "beam"` the same two passes run as Apache Beam pipelines (prepare_beam.py),
-from the same functions (`scan_unit`, `tokenize_unit`, `finish_shard`), to the same files.
+from the same functions (prepare_steps.py), to the same files.
 
 Workers start from a fork server (spawn where there is none), as in Python 3.14: a script
 that calls `prepare` with more than one worker needs the usual `if __name__ == "__main__":`.
@@ -35,38 +35,28 @@ import collections
 import contextlib
 import hashlib
 import json
-import math
 import multiprocessing
 import os
 import pathlib
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
 from pretrain import schema
 from pretrain.atomic_file import atomic_file
-from pretrain.data import dedup, filters, records, sources
+from pretrain.data import dedup, records, sources
 from pretrain.data.config import Prepare
 from pretrain.data.mixture import Component, Mixture
+from pretrain.data.prepare_steps import (DROP_REASONS, Tokenizer, file_notes, finish_shard, log_selection,
+                                     make_selection, plural, scan_unit, shard_work, tokenize_unit, write_json)
 from pretrain.schema import ConfigError
 
 PLAN, MANIFEST, SELECTION = "plan.json", "manifest.json", "selection.npz"
 FORMAT = 1
 MAX_NOT_BYTE_EXACT = 0.01  # above this fraction of a component's kept documents, the tokenizer is lossy
-DROP_REASONS = ("empty", *filters.RULES, "exact_duplicate", "near_duplicate", "tokenizer_not_byte_exact")
-SKIP_REASONS = ("unknown_type_files", "binary_files", "undecodable_files", "corrupt_records", "corrupt_files")
 _LATER_SETTINGS = ("fallback_encoding",)  # Prepare fields left out of plan and manifest while None (_config_dict)
 _HOW_SETTINGS = ("engine", "beam_options")  # how it runs, not what it makes: never in plan or manifest
-
-
-class Tokenizer(Protocol):
-  """What prepare needs of a tokenizer; it must pickle, since every worker process gets a copy."""
-
-  def encode(self, text: str) -> np.ndarray: ...  # int32 ids, no special tokens added
-  def normalize(self, text: str) -> str: ...  # the text the ids of encode(text) stand for
-  def is_byte_exact(self, text: str, ids) -> bool: ...  # whether ids stand for exactly normalize(text)
-  def describe(self) -> dict: ...
 
 
 def prepare(mixture: Mixture, out_dir, tokenizer: Tokenizer, *, config: Prepare, tokenizer_path: str,
@@ -100,7 +90,7 @@ def prepare(mixture: Mixture, out_dir, tokenizer: Tokenizer, *, config: Prepare,
       components[component.name] = _component_manifest(component, mixture, selections[component.name]["stats"],
                                                         shards, config)
   manifest = _manifest(mixture, plan, config, components)
-  _write_json(out / MANIFEST, manifest)
+  write_json(out / MANIFEST, manifest)
   log(f"wrote {out / MANIFEST}: {manifest['documents_written']} documents, {manifest['tokens_written']} tokens")
   return manifest
 
@@ -118,53 +108,9 @@ def _scan(task: tuple[sources.Unit, str]) -> tuple[list[tuple], dict]:
   return scan_unit(unit, domain, _WORKER["tokenizer"], _WORKER["config"])
 
 
-def scan_unit(unit: sources.Unit, domain: str, tokenizer: Tokenizer, config: Prepare) -> tuple[list[tuple], dict]:
-  """Pass 1 on one unit: (language, drop reason or None, content hash, MinHash signature) per document, and
-  the counts of what it skipped."""
-  skipped = collections.Counter()
-  docs = []
-  for doc in sources.read_unit(unit, skipped, skip_corrupt=config.skip_corrupt_records,
-                               fallback_encoding=config.fallback_encoding):
-    reason = digest = hashvalues = None
-    if not doc.text.strip():
-      reason = "empty"
-    elif domain == "code":
-      reason = filters.check(doc.text, doc.language, config.filters)
-    if reason is None:
-      text = tokenizer.normalize(doc.text)
-      if not text.strip():
-        reason = "empty"
-      else:
-        digest = dedup.content_hash(text) if config.dedup.exact else None
-        hashvalues = dedup.signature(text, config.dedup) if config.dedup.near else None
-    docs.append((doc.language, reason, digest, hashvalues))
-  return docs, dict(skipped)
-
-
 def _tokenize(task: tuple[sources.Unit, list[int], list[int]]) -> list[tuple]:
   unit, positions, ordinals = task
   return tokenize_unit(unit, positions, ordinals, _WORKER["tokenizer"], _WORKER["config"])
-
-
-def tokenize_unit(unit: sources.Unit, positions: list[int], ordinals: list[int], tokenizer: Tokenizer,
-                  config: Prepare) -> list[tuple]:
-  """Pass 2 on one unit: (ordinal, language, source, tokens or None, drop reason or None) per wanted document
-  (`positions` ascending, each with its place among the component's kept documents in `ordinals`)."""
-  wanted = dict(zip(positions, ordinals))
-  out = []
-  documents = sources.read_unit(unit, collections.Counter(), skip_corrupt=config.skip_corrupt_records,
-                                fallback_encoding=config.fallback_encoding)
-  for position, doc in enumerate(documents):
-    if position in wanted:
-      tokens = np.asarray(tokenizer.encode(tokenizer.normalize(doc.text)), np.int32)
-      reason = ("empty" if not tokens.size else
-                None if tokenizer.is_byte_exact(doc.text, tokens) else "tokenizer_not_byte_exact")
-      out.append((wanted[position], doc.language, doc.source, None if reason else tokens, reason))
-    if position >= positions[-1]:
-      break
-  if len(out) != len(positions):
-    raise RuntimeError(f"{unit.path} holds fewer documents than when it was selected; was it changed?")
-  return out
 
 
 class _InlinePool:
@@ -257,26 +203,6 @@ def _select(component: Component, units: list[sources.Unit], skipped_files: coll
   return selection
 
 
-def make_selection(by_language: dict[str, dict], skipped: dict, kept_keys: list[int], config: Prepare) -> dict:
-  """A component's selection from its counts and its kept documents' keys (dedup.doc_key), of either engine."""
-  stats = {"skipped": {r: skipped.get(r, 0) for r in SKIP_REASONS},
-           # Counts in one order, whichever order an engine met them in: saved selections of both read the same.
-           "by_language": {language: {what: counts[what] for what in ("documents_read", *DROP_REASONS)
-                                      if what in counts} for language, counts in sorted(by_language.items())}}
-  if config.fallback_encoding:  # (without one, the selection saved is what it was before the setting existed)
-    stats["fallback_decoded_files"] = skipped.get("fallback_decoded_files", 0)
-  places = [dedup.unit_and_position(key) for key in sorted(kept_keys)]
-  return {"stats": stats, "unit": np.asarray([u for u, _ in places], np.int64).reshape(-1),
-          "position": np.asarray([p for _, p in places], np.int64).reshape(-1)}
-
-
-def log_selection(component: Component, selection: dict, config: Prepare, log) -> None:
-  stats = selection["stats"]
-  notes = file_notes(stats["skipped"], stats.get("fallback_decoded_files", 0), config.fallback_encoding)
-  read = sum(c["documents_read"] for c in stats["by_language"].values())
-  log(f"{component.name}: kept {len(selection['unit'])} of {read} documents" + (f" ({notes})" if notes else ""))
-
-
 def _load_selection(path: pathlib.Path) -> dict | None:
   if not path.exists():
     return None
@@ -288,31 +214,6 @@ def _save_selection(path: pathlib.Path, selection: dict) -> None:
   with atomic_file(path) as tmp, open(tmp, "wb") as f:
     np.savez(f, stats=np.asarray(json.dumps(selection["stats"])), unit=selection["unit"],
              position=selection["position"])
-
-
-_SKIPPED_WORDS = {"binary_files": ("binary file", ""), "undecodable_files": ("file", " not UTF-8"),
-                  "unknown_type_files": ("file", " of unknown type"), "corrupt_records": ("corrupt record", ""),
-                  "corrupt_files": ("corrupt file", "")}
-
-
-def _count(n: int, noun: str) -> str:
-  return f"{n} {noun}{'' if n == 1 else 's'}"
-
-
-def file_notes(skipped: dict, fallback_decoded: int = 0, fallback_encoding: str | None = None) -> str:
-  """What a component's files came to besides documents, in words: 'skipped 2 binary files, 1 file not UTF-8;
-  decoded as cp1252: 3 files'. Empty when every file was read as UTF-8."""
-  skips = []
-  for reason in ("binary_files", "undecodable_files", "unknown_type_files", "corrupt_files", "corrupt_records"):
-    if skipped.get(reason):
-      noun, rest = _SKIPPED_WORDS[reason]
-      if reason == "undecodable_files" and fallback_encoding:
-        rest += f" nor {fallback_encoding} text"
-      skips.append(_count(skipped[reason], noun) + rest)
-  notes = [f"skipped {', '.join(skips)}"] if skips else []
-  if fallback_decoded:
-    notes.append(f"decoded as {fallback_encoding}: {_count(fallback_decoded, 'file')}")
-  return "; ".join(notes)
 
 
 def _check_documents(mixture: Mixture, units: dict[str, list[sources.Unit]], selections: dict[str, dict],
@@ -330,7 +231,7 @@ def _check_documents(mixture: Mixture, units: dict[str, list[sources.Unit]], sel
   for counts in stats["by_language"].values():
     dropped.update({r: n for r, n in counts.items() if r != "documents_read"})
   files = len(units[component.name]) + skipped.get("unknown_type_files", 0)
-  why = [f"{_count(files, 'file')} found, {_count(read, 'document')} read"]
+  why = [f"{plural(files, 'file')} found, {plural(read, 'document')} read"]
   notes = file_notes(skipped, stats.get("fallback_decoded_files", 0), config.fallback_encoding)
   why += [notes] if notes else []
   if dropped:
@@ -349,37 +250,6 @@ def _check_documents(mixture: Mixture, units: dict[str, list[sources.Unit]], sel
 
 
 # Pass 2: tokenized shards.
-def _stats_path(shard: pathlib.Path) -> pathlib.Path:
-  return shard.with_name(shard.name.removesuffix(records.SHARD_SUFFIX) + ".stats.json")
-
-
-def shard_work(directory: pathlib.Path, selection: dict, units: list[sources.Unit], config: Prepare
-               ) -> tuple[list[pathlib.Path], dict[int, dict], list[tuple]]:
-  """(every shard's path, the stats of those finished before, (unit, positions, ordinals) tasks for the rest).
-
-  Shard i holds kept documents [i * docs_per_shard, (i + 1) * docs_per_shard) in key order, whichever engine
-  writes it."""
-  kept = len(selection["unit"])
-  per_shard = config.docs_per_shard
-  count = math.ceil(kept / per_shard)
-  paths = [directory / records.shard_name(i, count) for i in range(count)]
-  stats = {i: json.loads(_stats_path(p).read_text()) for i, p in enumerate(paths)
-           if p.exists() and _stats_path(p).exists()}
-  todo = [i for i in range(count) if i not in stats]
-  ordinals = np.concatenate([np.arange(i * per_shard, min(kept, (i + 1) * per_shard)) for i in todo] or [[]])
-  ordinals = ordinals.astype(np.int64)
-  unit_of, position_of = selection["unit"][ordinals], selection["position"][ordinals]
-  starts = [0, *np.flatnonzero(np.diff(unit_of) != 0) + 1]
-  ends = [*starts[1:], len(ordinals)]
-  tasks = [(units[unit_of[s]], position_of[s:e].tolist(), ordinals[s:e].tolist()) for s, e in zip(starts, ends)
-           if e > s]
-  return paths, stats, tasks
-
-
-def read_shard_stats(path: pathlib.Path) -> dict:
-  return json.loads(_stats_path(path).read_text())
-
-
 def _write_shards(directory: pathlib.Path, component: Component, units: list[sources.Unit], selection: dict,
                   pool, workers: int, config: Prepare, log) -> list[dict]:
   kept = len(selection["unit"])
@@ -405,30 +275,6 @@ def _check_byte_exact(component: Component, shards: list[dict], kept: int) -> No
     raise ConfigError("tokenizer", f"{not_exact} of {kept} documents of component {component.name!r} "
                       f"({not_exact / kept:.1%}) do not tokenize byte-exactly, e.g. {example}: the tokenizer is "
                       "not lossless; use one with byte fallback (or byte-level BPE) and no lossy normalization")
-
-
-def finish_shard(path: pathlib.Path, component: Component, entries: list) -> dict:
-  """Writes a shard of (language, source, tokens, drop reason) entries in ordinal order, then its stats; together
-  they mark it finished."""
-  by_language = collections.defaultdict(collections.Counter)
-  dropped = collections.Counter()
-  docs, first_not_exact = [], None
-  for language, source, tokens, reason in entries:
-    counts = by_language[language]
-    if reason:
-      counts[reason] += 1
-      dropped[reason] += 1
-      first_not_exact = first_not_exact or (source if reason == "tokenizer_not_byte_exact" else None)
-    else:
-      counts["documents_written"] += 1
-      counts["tokens_written"] += int(tokens.size)
-      docs.append(records.Document(tokens=tokens, domain=component.domain, language=language, source=source))
-  records.write_shard(path, docs)
-  stats = {"documents_written": len(docs), "tokens_written": sum(int(d.tokens.size) for d in docs),
-           "dropped": dict(dropped), "first_not_byte_exact": first_not_exact,
-           "by_language": {language: dict(counts) for language, counts in sorted(by_language.items())}}
-  _write_json(_stats_path(path), stats)
-  return stats
 
 
 # The plan: what this directory is being prepared from.
@@ -505,7 +351,7 @@ def _claim(out: pathlib.Path, plan: dict, mixture: Mixture, old: dict | None, pr
     for path in [out / MANIFEST, *(p for n in names for p in _prepared_files(out / n))]:
       path.unlink(missing_ok=True)
   if problem or old is None:
-    _write_json(out / PLAN, plan)
+    write_json(out / PLAN, plan)
   for directory in [out, *(out / name for name in mixture.names)]:
     directory.mkdir(exist_ok=True)
     for leftover in directory.glob(".*.tmp-*"):  # of an interrupted run; never a finished file
@@ -563,6 +409,3 @@ def _manifest(mixture: Mixture, plan: dict, config: Prepare, components: dict[st
           "by_language": dict(sorted(by_language.items())), "components": components}
 
 
-def _write_json(path: pathlib.Path, value: Any) -> None:
-  with atomic_file(path) as tmp:
-    tmp.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n")

@@ -2,14 +2,14 @@
 
 The launcher (the host running `pretrain prepare`) plans the units (`sources.plan_units`), the plan
 and fingerprint, checks and claims the output directory and writes the manifest, as the local engine
-does; the workers run the two passes as two pipelines, with prepare.py's own functions:
+does; the workers run the two passes as two pipelines, with the same functions (prepare_steps.py):
   1. select (one pipeline for every component to select): read and filter each unit (`scan_unit`)
      -> exact dedup, a group per content hash -> near dedup: a group per LSH band bucket, candidate
      pairs confirmed by estimated Jaccard (`dedup.bucket_edges`), connected components
      (`components_beam`) -> counts per language and rule, and the kept positions per unit, written
      as JSON lines under a temporary directory that the launcher reads back into the selections.
   2. write: the launcher splits each component's missing shards into (unit, positions, ordinals)
-     tasks as the local engine does (`prepare.shard_work`) -> tokenize (`tokenize_unit`) -> a group
+     tasks as the local engine does (`shard_work`) -> tokenize (`tokenize_unit`) -> a group
      per shard, sorted by ordinal -> `finish_shard` (the shard under a temporary name, renamed, then
      its stats). The launcher reads the stats back for the manifest.
 The dedup rule is dedup.py's, and a document's key comes from the plan, so what is kept, every shard
@@ -36,7 +36,7 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pretrain.data import dedup, prepare, sources
+from pretrain.data import dedup, prepare_steps, sources
 from pretrain.data.components_beam import DEFAULT_ROUNDS, ConnectedComponents
 from pretrain.data.config import Prepare
 
@@ -57,7 +57,7 @@ class PrepareOptions(PipelineOptions):
 class BeamEngine:
   """prepare.prepare's engine: both passes as Beam pipelines run with `config.beam_options`."""
 
-  def __init__(self, tokenizer: prepare.Tokenizer, config: Prepare):
+  def __init__(self, tokenizer: prepare_steps.Tokenizer, config: Prepare):
     self.tokenizer, self.config = tokenizer, config
     self.options = PipelineOptions(list(config.beam_options))
     self.ours = self.options.view_as(PrepareOptions)
@@ -82,7 +82,7 @@ class BeamEngine:
 
   def write_shards(self, out, components, units: dict[str, list[sources.Unit]], selections: dict[str, dict],
                    log) -> dict[str, list[dict]]:
-    work = {c.name: prepare.shard_work(out / c.name, selections[c.name], units[c.name], self.config)
+    work = {c.name: prepare_steps.shard_work(out / c.name, selections[c.name], units[c.name], self.config)
             for c in components}
     tasks = [(c.name, *task) for c in components for task in work[c.name][2]]
     todo = {name: len(paths) - len(stats) for name, (paths, stats, _) in work.items()}
@@ -100,7 +100,7 @@ class BeamEngine:
     result = {}
     for c in components:
       paths, stats, _ = work[c.name]
-      stats = {i: stats[i] if i in stats else prepare.read_shard_stats(p) for i, p in enumerate(paths)}
+      stats = {i: stats[i] if i in stats else prepare_steps.read_shard_stats(p) for i, p in enumerate(paths)}
       result[c.name] = [{"path": f"{c.name}/{p.name}", **stats[i]} for i, p in enumerate(paths)]
     return result
 
@@ -158,8 +158,8 @@ def _selections(components, skipped_files, lines: list[dict], config: Prepare, l
       kept[name] += [dedup.doc_key(unit, p) for p in line["positions"]]
   selections = {}
   for c in components:
-    selections[c.name] = prepare.make_selection(by_language[c.name], skipped[c.name], kept[c.name], config)
-    prepare.log_selection(c, selections[c.name], config, log)
+    selections[c.name] = prepare_steps.make_selection(by_language[c.name], skipped[c.name], kept[c.name], config)
+    prepare_steps.log_selection(c, selections[c.name], config, log)
   return selections
 
 
@@ -173,7 +173,7 @@ class _Scan(beam.DoFn):
   def process(self, task):
     name, domain, u, unit = task
     try:
-      docs, skipped = prepare.scan_unit(unit, domain, self.tokenizer, self.config)
+      docs, skipped = prepare_steps.scan_unit(unit, domain, self.tokenizer, self.config)
     except sources.CorruptInputError as e:
       message = str(e).removeprefix(f"{e.key}: ")
       yield beam.pvalue.TaggedOutput("error", {"error": {"component": name, "unit": u, "key": e.key,
@@ -292,7 +292,7 @@ class _Tokenize(beam.DoFn):
 
   def process(self, task):
     name, unit, positions, ordinals = task
-    for ordinal, language, source, tokens, reason in prepare.tokenize_unit(unit, positions, ordinals,
+    for ordinal, language, source, tokens, reason in prepare_steps.tokenize_unit(unit, positions, ordinals,
                                                                            self.tokenizer, self.config):
       yield (name, ordinal // self.config.docs_per_shard), (ordinal, language, source, tokens, reason)
 
@@ -301,5 +301,5 @@ def _finish(shard_and_entries, shards):
   (name, i), entries = shard_and_entries
   component, paths = shards[name]
   entries = sorted(entries, key=lambda e: e[0])  # ordinal order, whatever order the bundles came in
-  prepare.finish_shard(pathlib.Path(paths[i]), component, [e[1:] for e in entries])
+  prepare_steps.finish_shard(pathlib.Path(paths[i]), component, [e[1:] for e in entries])
   return name, i
