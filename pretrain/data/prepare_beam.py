@@ -292,8 +292,8 @@ class _Tokenize(beam.DoFn):
 
   def process(self, task):
     name, unit, positions, ordinals = task
-    for ordinal, language, source, tokens, reason in prepare_steps.tokenize_unit(unit, positions, ordinals,
-                                                                           self.tokenizer, self.config):
+    entries = prepare_steps.tokenize_unit(unit, positions, ordinals, self.tokenizer, self.config)
+    for ordinal, language, source, tokens, reason in entries:
       yield (name, ordinal // self.config.docs_per_shard), (ordinal, language, source, tokens, reason)
 
 
