@@ -152,9 +152,11 @@ def cmd_prepare(args: argparse.Namespace, config_flags: list[str]) -> None:
     mixture = Mixture.from_inputs(args.input, domain=args.domain, text_field=args.text_field,
                                   language=args.language)
     # A base model's own special tokens (Qwen2's have no BOS), from the tokenizer_config.json beside it.
-    tokenizer_dir = pathlib.Path(args.tokenizer)
+    from pretrain import storage
+    tokenizer_dir = (storage.download(args.tokenizer, "--tokenizer") if storage.is_url(args.tokenizer)
+                     else pathlib.Path(args.tokenizer))
     tokens = special_tokens_from_config(tokenizer_dir if tokenizer_dir.is_dir() else tokenizer_dir.parent)
-    tokenizer = load_tokenizer(args.tokenizer, tokens, key="--tokenizer").with_known_fim_sentinels()
+    tokenizer = load_tokenizer(tokenizer_dir, tokens, key="--tokenizer").with_known_fim_sentinels()
     config = Prepare(**({} if args.workers is None else {"workers": args.workers}),
                      skip_corrupt_records=args.skip_corrupt_records, fallback_encoding=args.fallback_encoding,
                      **_engine_settings(args, Prepare()))
@@ -164,7 +166,7 @@ def cmd_prepare(args: argparse.Namespace, config_flags: list[str]) -> None:
       flag = {"prepare.fallback_encoding": "--fallback-encoding"}.get(e.key, e.key)
       raise ConfigError(flag, str(e).removeprefix(f"{e.key}: ")) from None
     manifest = prepare.prepare(mixture, args.out, tokenizer, config=config, tokenizer_path=str(tokenizer.path),
-                               overwrite_mismatch=args.overwrite_mismatch, log=print)
+                               overwrite_mismatch=args.overwrite_mismatch, log=print, out_key="--out")
   else:
     # Config keys, not flags, with a config: `pretrain train` prepares from the config alone, and a directory
     # prepared with other settings than its config's is refused there.
@@ -180,7 +182,8 @@ def cmd_prepare(args: argparse.Namespace, config_flags: list[str]) -> None:
       data = dataclasses.replace(data, prepare=dataclasses.replace(data.prepare,
                                                                    **_engine_settings(args, data.prepare)))
       data.prepare.validate("config.data.prepare")
-    _, _, manifest = workspace.ensure_prepared(data, workers=args.workers, overwrite_mismatch=args.overwrite_mismatch)
+    _, _, manifest = workspace.ensure_prepared(data, workers=args.workers, overwrite_mismatch=args.overwrite_mismatch,
+                                               download=False)  # preparing, not training: nothing to read here
   for name, component in manifest["components"].items():
     fallback = component.get("fallback_decoded", {})
     notes = prepare_steps.file_notes(component["skipped"], fallback.get("files", 0), fallback.get("encoding"))

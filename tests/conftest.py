@@ -4,6 +4,10 @@
 `*ForCausalLM` in eval mode with eager attention (see `pretrain.convert.parity`).
 `data_dir`: a two-component mixture of generated JSONL and its paths, for training runs.
 `gcs_bucket`, `s3_bucket`: a bucket in a local emulator (tests/object_storage.py), for work directories and data.
+
+Every test and every `pretrain` process a test starts shares one JAX persistent compilation cache, new for
+each pytest run: a killed run's restart, a resume and a second test of the same tiny model load the step
+they compiled before instead of compiling it again (the executable is the same, so results are too).
 """
 
 from __future__ import annotations
@@ -16,6 +20,22 @@ import pytest
 from tiny_tokenizers import sample_texts
 
 from pretrain.convert import parity
+
+
+@pytest.fixture(scope="session", autouse=True)
+def jax_compilation_cache(tmp_path_factory) -> pathlib.Path:
+  """The session's compilation cache, set for this process and (through the environment) its children."""
+  import jax
+
+  base = tmp_path_factory.getbasetemp()
+  directory = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "jax-compilation-cache"
+  directory.mkdir(exist_ok=True)
+  settings = {"jax_compilation_cache_dir": str(directory), "jax_persistent_cache_min_compile_time_secs": 0.5,
+              "jax_persistent_cache_min_entry_size_bytes": 0}
+  for name, value in settings.items():
+    os.environ[name.upper()] = str(value)
+    jax.config.update(name, value)
+  return directory
 
 
 @pytest.fixture

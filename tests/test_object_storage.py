@@ -280,8 +280,16 @@ def test_prepared_data_and_a_tokenizer_on_s3_are_read_through_a_local_copy(data_
   for key in want:
     np.testing.assert_array_equal(got[key], want[key], err_msg=key)
 
-  with pytest.raises(ConfigError, match="manifest.json does not exist: a prepared directory on a bucket is read"):
-    workspace.ensure_prepared(dataclasses.replace(bucket, prepared_dir=f"{root}/elsewhere"), log=lambda m: None)
+  # A bucket directory without a manifest is prepared there, from the mixture's inputs.
+  _, _, prepared_there = workspace.ensure_prepared(dataclasses.replace(bucket, prepared_dir=f"{root}/elsewhere"),
+                                                   log=lambda m: None)
+  assert {k: v for k, v in prepared_there.items() if k != "tokenizer"} == {
+      k: v for k, v in local_manifest.items() if k != "tokenizer"}
+  assert json.loads(storage.as_path(f"{root}/elsewhere/manifest.json").read_text()) == prepared_there
+  with pytest.raises(ConfigError, match="config.data.prepared_dir: s3://no-such-bucket/prepared: bucket "
+                     "s3://no-such-bucket does not exist"):
+    workspace.ensure_prepared(dataclasses.replace(bucket, prepared_dir="s3://no-such-bucket/prepared"),
+                              log=lambda m: None)
   with pytest.raises(ConfigError, match=f"config.data.tokenizer: {root}/none: no such object"):
     workspace.ensure_prepared(dataclasses.replace(bucket, tokenizer=f"{root}/none"), log=lambda m: None)
   with pytest.raises(ConfigError, match="s3://no-such-bucket/tokenizer: bucket s3://no-such-bucket does not exist"):

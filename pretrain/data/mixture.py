@@ -15,7 +15,7 @@ import pathlib
 from collections.abc import Mapping
 from typing import Literal
 
-from pretrain import schema
+from pretrain import schema, storage
 from pretrain.config import call_file_function
 from pretrain.schema import ConfigError
 
@@ -28,7 +28,7 @@ class Component:
   domain: Domain
   weight: float
   # Raw inputs for `pretrain prepare`: directories of source files, or files / globs of .jsonl, .jsonl.gz,
-  # .parquet. Relative paths are relative to the mixture file.
+  # .parquet; local paths or gs:// / s3:// URLs. Relative paths are relative to the mixture file.
   inputs: tuple[str, ...] = ()
   text_field: str = "text"  # JSONL key / Parquet column holding the document
   language: str = ""  # for JSONL/Parquet inputs; source files get theirs from extension and name
@@ -93,9 +93,9 @@ class Mixture:
   def names(self) -> tuple[str, ...]:
     return tuple(c.name for c in self.components)
 
-  def input_paths(self, component: Component) -> list[pathlib.Path]:
-    return [pathlib.Path(self.root, p) if not pathlib.Path(p).is_absolute() else pathlib.Path(p)
-            for p in component.inputs]
+  def input_paths(self, component: Component) -> list[str]:
+    """The component's inputs, local ones resolved against `root`; gs:// and s3:// URLs as given."""
+    return [p if storage.is_url(p) else str(pathlib.Path(self.root, p)) for p in component.inputs]
 
   def with_overrides(self, weights: Mapping[str, float] | None = None, min_length: int | None = None) -> Mixture:
     """This mixture with a training stage's weights (by component name) and minimum document length."""

@@ -34,6 +34,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import hashlib
+import io
 import json
 import multiprocessing
 import os
@@ -42,8 +43,9 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+from etils import epath
 
-from pretrain import schema
+from pretrain import schema, storage
 from pretrain.atomic_file import atomic_file
 from pretrain.data import dedup, records, sources
 from pretrain.data.config import Prepare
@@ -60,11 +62,14 @@ _HOW_SETTINGS = ("engine", "beam_options")  # how it runs, not what it makes: ne
 
 
 def prepare(mixture: Mixture, out_dir, tokenizer: Tokenizer, *, config: Prepare, tokenizer_path: str,
-            overwrite_mismatch: bool = False, log: Callable[[str], None] | None = None) -> dict:
-  """Prepares every component of `mixture` into `out_dir`; returns the manifest (also in manifest.json)."""
+            overwrite_mismatch: bool = False, log: Callable[[str], None] | None = None,
+            out_key: str = "config.data.prepared_dir") -> dict:
+  """Prepares every component of `mixture` into `out_dir` (a local directory or a gs:// / s3:// URL; `out_key`
+  names it in errors); returns the manifest (also in manifest.json)."""
   log = log or (lambda message: None)
   config.validate("prepare")
-  out = pathlib.Path(out_dir)
+  storage.check_bucket(out_dir, out_key)  # before any input is read
+  out = storage.as_path(out_dir)
   units, skipped_files = {}, {}
   for i, component in enumerate(mixture.components):
     if component.name in (".", ".."):
@@ -167,7 +172,7 @@ class _LocalEngine:
     return {c.name: _select(c, units[c.name], skipped_files[c.name], self.pool, self.workers, self.config, log)
             for c in components}
 
-  def write_shards(self, out: pathlib.Path, components: list[Component], units: dict[str, list[sources.Unit]],
+  def write_shards(self, out: epath.Path, components: list[Component], units: dict[str, list[sources.Unit]],
                    selections: dict[str, dict], log) -> dict[str, list[dict]]:
     return {c.name: _write_shards(out / c.name, c, units[c.name], selections[c.name], self.pool, self.workers,
                                   self.config, log) for c in components}
@@ -203,14 +208,14 @@ def _select(component: Component, units: list[sources.Unit], skipped_files: coll
   return selection
 
 
-def _load_selection(path: pathlib.Path) -> dict | None:
+def _load_selection(path: epath.Path) -> dict | None:
   if not path.exists():
     return None
-  with np.load(path) as saved:
+  with np.load(io.BytesIO(path.read_bytes())) as saved:
     return {"stats": json.loads(str(saved["stats"])), "unit": saved["unit"], "position": saved["position"]}
 
 
-def _save_selection(path: pathlib.Path, selection: dict) -> None:
+def _save_selection(path: epath.Path, selection: dict) -> None:
   with atomic_file(path) as tmp, open(tmp, "wb") as f:
     np.savez(f, stats=np.asarray(json.dumps(selection["stats"])), unit=selection["unit"],
              position=selection["position"])
@@ -250,7 +255,7 @@ def _check_documents(mixture: Mixture, units: dict[str, list[sources.Unit]], sel
 
 
 # Pass 2: tokenized shards.
-def _write_shards(directory: pathlib.Path, component: Component, units: list[sources.Unit], selection: dict,
+def _write_shards(directory: epath.Path, component: Component, units: list[sources.Unit], selection: dict,
                   pool, workers: int, config: Prepare, log) -> list[dict]:
   kept = len(selection["unit"])
   per_shard = config.docs_per_shard
@@ -280,7 +285,7 @@ def _check_byte_exact(component: Component, shards: list[dict], kept: int) -> No
 # The plan: what this directory is being prepared from.
 def _plan(mixture: Mixture, units: dict[str, list[sources.Unit]], tokenizer: Tokenizer, tokenizer_path: str,
           config: Prepare) -> dict:
-  inputs = {name: [[u.path, *_size_and_mtime(u.path)] for u in component_units]
+  inputs = {name: [[u.path, *_size_and_mtime(u)] for u in component_units]
             for name, component_units in units.items()}
   parts = {
       "inputs": inputs,
@@ -304,8 +309,11 @@ def _config_dict(config: Prepare) -> dict:
           if not (k in _LATER_SETTINGS and v is None) and k not in _HOW_SETTINGS}
 
 
-def _size_and_mtime(path: str) -> tuple[int, int]:
-  stat = os.stat(path)
+def _size_and_mtime(unit: sources.Unit) -> tuple:
+  """A local file's size and mtime; an object's size and generation (or ETag)."""
+  if unit.stamp:
+    return unit.stamp
+  stat = os.stat(unit.path)
   return stat.st_size, stat.st_mtime_ns
 
 
@@ -318,14 +326,14 @@ def _file_digest(path) -> str | None:
   return digest.hexdigest() if files else None
 
 
-def _prepared_files(directory: pathlib.Path) -> list[pathlib.Path]:
+def _prepared_files(directory: epath.Path) -> list[epath.Path]:
   """What prepare writes in a component's directory; nothing else there is ever deleted."""
   patterns = (f"shard-*{records.SHARD_SUFFIX}", f"shard-*{records.SHARD_SUFFIX}.lengths.npy", "shard-*.stats.json",
               SELECTION, ".*.tmp-*")
   return [p for pattern in patterns for p in directory.glob(pattern)] if directory.is_dir() else []
 
 
-def _check_claim(out: pathlib.Path, plan: dict, mixture: Mixture, overwrite: bool) -> tuple[dict | None, str | None]:
+def _check_claim(out: epath.Path, plan: dict, mixture: Mixture, overwrite: bool) -> tuple[dict | None, str | None]:
   """(the plan `out` holds or None, what stands against making it this plan's); refuses one prepared otherwise
   unless `overwrite`. Writes nothing."""
   old = json.loads((out / PLAN).read_text()) if (out / PLAN).exists() else None
@@ -343,7 +351,7 @@ def _check_claim(out: pathlib.Path, plan: dict, mixture: Mixture, overwrite: boo
   return old, problem
 
 
-def _claim(out: pathlib.Path, plan: dict, mixture: Mixture, old: dict | None, problem: str | None) -> None:
+def _claim(out: epath.Path, plan: dict, mixture: Mixture, old: dict | None, problem: str | None) -> None:
   """Makes `out` this plan's directory; with a `problem` (overwrite_mismatch), clears what it held first."""
   out.mkdir(parents=True, exist_ok=True)
   names = set(mixture.names) | set((old or {}).get("components", {}))

@@ -4,8 +4,9 @@ The launcher (the host running `pretrain prepare`) plans the units (`sources.pla
 and fingerprint, checks and claims the output directory and writes the manifest, as the local engine
 does; the workers run the two passes as two pipelines, with the same functions (prepare_steps.py):
   1. select (one pipeline for every component to select): read and filter each unit (`scan_unit`)
-     -> exact dedup, a group per content hash -> near dedup: a group per LSH band bucket, candidate
-     pairs confirmed by estimated Jaccard (`dedup.bucket_edges`), connected components
+     -> exact dedup, a group per content hash -> near dedup: a group of keys per LSH band bucket, the
+     shared buckets' members joined with their signatures and grouped again, candidate pairs confirmed
+     by estimated Jaccard (`dedup.bucket_edges`), connected components
      (`components_beam`) -> counts per language and rule, and the kept positions per unit, written
      as JSON lines under a temporary directory that the launcher reads back into the selections.
   2. write: the launcher splits each component's missing shards into (unit, positions, ordinals)
@@ -16,8 +17,9 @@ The dedup rule is dedup.py's, and a document's key comes from the plan, so what 
 and the manifest are the same bytes as the local engine's, whatever the runner, workers or bundles.
 
 A corrupt input is reported as locally: the workers emit it rather than raise, and the launcher
-raises the one of the first unit in plan order. Workers write the shards into the output directory
-itself, so on a cluster it must be a file system every worker mounts; the temporary directory is
+raises the one of the first unit in plan order. Workers read the inputs and write the shards into the
+output directory themselves, so on a cluster both must be buckets (gs://, s3://) or a file system every
+worker mounts; the temporary directory is
 `--temp_location` when given (Dataflow requires one), else a local one.
 """
 
@@ -25,8 +27,8 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import hashlib
 import json
-import pathlib
 import random
 import shutil
 import tempfile
@@ -36,6 +38,7 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from pretrain import storage
 from pretrain.data import dedup, prepare_steps, sources
 from pretrain.data.components_beam import DEFAULT_ROUNDS, ConnectedComponents
 from pretrain.data.config import Prepare
@@ -198,10 +201,29 @@ def _exact_group(group, docs):
   yield group[0], *best
 
 
-def _bands(doc, config):
+def _band_entries(doc, config):
   name, key, _, hashvalues = doc
   for band in dedup.band_keys(hashvalues, config.dedup):
-    yield (name, band), (key, hashvalues)
+    yield (name, band), key
+
+
+def _shared_bucket(band_and_keys):
+  """A band bucket of two or more documents -> ((name, key), bucket id) for each; a lone document's is dropped
+  here, so only candidates' signatures ever travel again."""
+  (name, band), keys = band_and_keys
+  keys = sorted(set(keys))
+  if len(keys) < 2:
+    return
+  bucket = hashlib.blake2b(band, digest_size=16).digest()  # names the bucket in fewer bytes than its band key
+  for key in keys:
+    yield (name, key), (name, bucket)
+
+
+def _to_buckets(node_and_joined):
+  (name, key), joined = node_and_joined
+  for signature in joined["signature"]:
+    for bucket in joined["bucket"]:
+      yield bucket, (key, signature)
 
 
 def _bucket_edges(bucket_and_members, threshold):
@@ -218,16 +240,26 @@ def _near_outcome(node, joined):
 
 class NearDuplicates(beam.PTransform):
   """(name, key, language, signature) of exact dedup's survivors -> (name, key) of each near duplicate: the
-  members of a connected component of similar LSH candidates but its smallest key."""
+  members of a connected component of similar LSH candidates but its smallest key.
+
+  The band shuffle carries keys only (8 bytes per document and band, not its 512-byte signature): buckets
+  of one document, nearly all of them, end there, and only the members of shared buckets are joined with
+  their signatures and grouped again to be compared."""
 
   def __init__(self, config: Prepare, rounds: int):
     super().__init__()
     self.config, self.rounds = config, rounds
 
   def expand(self, survivors):
-    return (survivors
-            | "Bands" >> beam.FlatMap(_bands, self.config)
-            | "Same band" >> beam.GroupByKey()
+    buckets = (survivors
+               | "Band entries" >> beam.FlatMap(_band_entries, self.config)
+               | "Same band" >> beam.GroupByKey()
+               | "Shared buckets" >> beam.FlatMap(_shared_bucket))
+    signatures = survivors | "Signatures" >> beam.Map(lambda d: ((d[0], d[1]), d[3]))
+    return ({"bucket": buckets, "signature": signatures}
+            | "With signatures" >> beam.CoGroupByKey()
+            | "To buckets" >> beam.FlatMap(_to_buckets)
+            | "Same bucket" >> beam.GroupByKey()
             | "Similar pairs" >> beam.FlatMap(_bucket_edges, self.config.dedup.threshold)
             | "Components" >> ConnectedComponents(self.rounds)
             | "Not representative" >> beam.Keys())
@@ -301,5 +333,5 @@ def _finish(shard_and_entries, shards):
   (name, i), entries = shard_and_entries
   component, paths = shards[name]
   entries = sorted(entries, key=lambda e: e[0])  # ordinal order, whatever order the bundles came in
-  prepare_steps.finish_shard(pathlib.Path(paths[i]), component, [e[1:] for e in entries])
+  prepare_steps.finish_shard(storage.as_path(paths[i]), component, [e[1:] for e in entries])
   return name, i

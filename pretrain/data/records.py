@@ -18,6 +18,7 @@ import struct
 
 import numpy as np
 
+from pretrain import storage
 from pretrain.atomic_file import atomic_file
 
 SHARD_SUFFIX = ".array_record"
@@ -63,7 +64,7 @@ def write_shard(path: pathlib.Path, docs) -> int:
   """Writes documents to `path` all-or-nothing; returns the number written."""
   from array_record.python.array_record_module import ArrayRecordWriter
 
-  path = pathlib.Path(path)
+  path = storage.as_path(path)  # a shard may be written straight into a bucket (atomic_file uploads it whole)
   lengths = []
   with atomic_file(path) as tmp:
     writer = ArrayRecordWriter(str(tmp), "group_size:1")  # random access to every record

@@ -6,6 +6,11 @@ so the document order (and with it which duplicate is kept) never depends on the
 `read_unit` yields a unit's documents. A unit is the grain of parallel work, so a corpus
 that is one huge JSONL file prepares on one core: split it into parts to use them all.
 
+Inputs may be gs:// or s3:// URLs (read through fsspec: gcsfs, s3fs), as an object, a glob of
+objects, or a prefix read as a directory (its objects in the order a local walk of the same tree
+gives). A unit of a bucket carries its object's size and generation (GCS) or ETag (S3) as
+`stamp`, which the plan fingerprints as it does a local file's size and mtime.
+
 Source files get their language from the extension or the file name; files of unknown type
 are skipped, and binary ones (a NUL byte in the first 8 KiB) too, all counted. A source file
 that is not UTF-8 is decoded with `fallback_encoding` (Prepare.fallback_encoding) when one is
@@ -18,16 +23,21 @@ specs: no fallback there. A JSONL row's language is the component's `language`, 
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import glob
 import gzip
 import json
 import os
-import pathlib
+import posixpath
 import re
 import zlib
 from collections.abc import Iterator
+from urllib import parse
 
+import fsspec
+
+from pretrain import storage
 from pretrain.data import builtin_corpus
 from pretrain.data.languages import language_of
 from pretrain.data.mixture import Mixture
@@ -57,6 +67,7 @@ class Unit:
   path: str
   language: str  # a source file's language; the component's language for JSONL / Parquet ("" if none)
   text_field: str = "text"
+  stamp: tuple = ()  # an object's (size, generation or ETag); () for a local file (the plan stats it)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,13 +85,6 @@ def _kind_of(path: str) -> str | None:
   return "source" if language_of(path) else None
 
 
-def _walk(directory: str) -> Iterator[str]:
-  for root, dirs, files in os.walk(directory):
-    dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d not in SKIPPED_DIRS)
-    for name in sorted(files):
-      yield os.path.join(root, name)
-
-
 def plan_units(mixture: Mixture, index: int) -> tuple[list[Unit], collections.Counter]:
   """The units of component `index`, and counts of files skipped for an unknown type. The built-in corpus
   is written on first use, here, where its files are first read."""
@@ -92,20 +96,12 @@ def plan_units(mixture: Mixture, index: int) -> tuple[list[Unit], collections.Co
     raise ConfigError(key, f"component {component.name!r} has no inputs to prepare")
   units, skipped = [], collections.Counter()
   for given, path in zip(component.inputs, mixture.input_paths(component)):
-    if glob.has_magic(str(path)):
-      matches = sorted(glob.glob(str(path), recursive=True))
-      if not matches:
-        raise ConfigError(key, f"{given!r} ({path}) matches no file")
-    elif path.exists():
-      matches = [str(path)]
-    else:
-      raise ConfigError(key, f"{given!r}: {path} does not exist")
-    for match in matches:
-      if os.path.isdir(match):
-        for file in _walk(match):
-          kind = _kind_of(file)
-          if kind == "source":
-            units.append(Unit("source", file, language_of(file)))
+    listing = _list_url(given, path, key) if storage.is_url(path) else _list_local(given, path, key)
+    for match, stamp, files in listing:
+      if files is not None:  # a directory: its source files, in walk order
+        for file, file_stamp in files:
+          if _kind_of(file) == "source":
+            units.append(Unit("source", file, language_of(file), stamp=file_stamp))
           else:  # data files inside a source tree are not read as data: list them as inputs
             skipped["unknown_type_files"] += 1
         continue
@@ -113,8 +109,73 @@ def plan_units(mixture: Mixture, index: int) -> tuple[list[Unit], collections.Co
       if kind is None:
         raise ConfigError(key, f"{match} is not a directory, .jsonl, .jsonl.gz, .parquet or known source file")
       units.append(Unit(kind, match, language_of(match) if kind == "source" else component.language,
-                        component.text_field))
+                        component.text_field, stamp))
   return units, skipped
+
+
+# An input's matches: (path, stamp, None) for a file, (path, (), [(file, stamp), ...]) for a directory.
+def _list_local(given: str, path: str, key: str) -> list[tuple]:
+  if glob.has_magic(path):
+    matches = sorted(glob.glob(path, recursive=True))
+    if not matches:
+      raise ConfigError(key, f"{given!r} ({path}) matches no file")
+  elif os.path.exists(path):
+    matches = [path]
+  else:
+    raise ConfigError(key, f"{given!r}: {path} does not exist")
+  return [(m, (), [(f, ()) for f in _walk(m)] if os.path.isdir(m) else None) for m in matches]
+
+
+def _list_url(given: str, url: str, key: str) -> list[tuple]:
+  storage.check_bucket(url, key)
+  fs, root = fsspec.core.url_to_fs(url)
+  scheme = parse.urlparse(url).scheme
+  if glob.has_magic(root):
+    infos = fs.glob(root.rstrip("/"), detail=True)
+    files = sorted((name, info) for name, info in infos.items() if info.get("type") == "file")
+    if not files:
+      raise ConfigError(key, f"{given!r} ({url}) matches no object")
+    return [(f"{scheme}://{name}", _stamp(info), None) for name, info in files]
+  root = root.rstrip("/")
+  try:
+    info = fs.info(root)
+  except FileNotFoundError:
+    info = None
+  if info is not None and info.get("type") == "file":
+    return [(url, _stamp(info), None)]
+  # A prefix: the objects under it, as a local walk of the same tree would list them.
+  found = {name: info for name, info in fs.find(root, detail=True).items()
+           if info.get("type") == "file" and not name.endswith("/")}
+  if not found:
+    raise ConfigError(key, f"{given!r}: {url}: no such object, nor objects under it")
+  files = []
+  for name, info in found.items():
+    parts = posixpath.relpath(name, root).split("/")
+    if any(d.startswith(".") or d in SKIPPED_DIRS for d in parts[:-1]):
+      continue
+    order = tuple((1, d) for d in parts[:-1]) + ((0, parts[-1]),)  # a directory's files before its subdirectories
+    files.append((order, f"{scheme}://{name}", _stamp(info)))
+  return [(url, (), [(file, stamp) for _, file, stamp in sorted(files)])]
+
+
+def _stamp(info: dict) -> tuple:
+  """What changes when an object is rewritten: its size and its generation (GCS) or ETag (S3)."""
+  version = info.get("generation") or info.get("ETag") or info.get("etag") or info.get("mtime") or ""
+  return int(info.get("size") or 0), str(version)
+
+
+def _walk(directory: str) -> Iterator[str]:
+  for root, dirs, files in os.walk(directory):
+    dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d not in SKIPPED_DIRS)
+    for name in sorted(files):
+      yield os.path.join(root, name)
+
+
+@contextlib.contextmanager
+def _open(path: str):
+  """A unit's file, binary, local or on a bucket."""
+  with (fsspec.open(path, "rb") if storage.is_url(path) else open(path, "rb")) as f:
+    yield f
 
 
 def read_unit(unit: Unit, skipped: collections.Counter, *, skip_corrupt: bool,
@@ -129,7 +190,8 @@ def read_unit(unit: Unit, skipped: collections.Counter, *, skip_corrupt: bool,
 
 
 def _read_source(unit: Unit, skipped: collections.Counter, fallback_encoding: str | None) -> Iterator[RawDocument]:
-  data = pathlib.Path(unit.path).read_bytes()
+  with _open(unit.path) as f:
+    data = f.read()
   if b"\0" in data[:8192]:
     skipped["binary_files"] += 1
     return
@@ -164,10 +226,9 @@ def _corrupt(where: str, message: str, skip_corrupt: bool, skipped: collections.
 
 
 def _read_jsonl(unit: Unit, skipped: collections.Counter, skip_corrupt: bool) -> Iterator[RawDocument]:
-  opener = gzip.open if unit.path.endswith(".gz") else open
   line_number = 0
   try:
-    with opener(unit.path, "rb") as f:
+    with _open(unit.path) as raw, (gzip.GzipFile(fileobj=raw) if unit.path.endswith(".gz") else raw) as f:
       for line_number, line in enumerate(f, 1):
         if not line.strip():
           continue
@@ -193,8 +254,10 @@ def _read_parquet(unit: Unit, skipped: collections.Counter, skip_corrupt: bool) 
   import pyarrow.parquet as pq
 
   row = 0
+  raw = None
   try:
-    parquet = pq.ParquetFile(unit.path)
+    raw = fsspec.open(unit.path, "rb").open() if storage.is_url(unit.path) else unit.path
+    parquet = pq.ParquetFile(raw)
     names = parquet.schema_arrow.names
     if unit.text_field not in names:
       raise CorruptInputError(unit.path, f"no column {unit.text_field!r}; columns: {', '.join(names)}")
@@ -212,6 +275,9 @@ def _read_parquet(unit: Unit, skipped: collections.Counter, skip_corrupt: bool) 
         row += 1
   except (OSError, pa.ArrowException) as e:
     _corrupt(f"{unit.path}#{row}", f"unreadable Parquet: {e}", skip_corrupt, skipped, "corrupt_files")
+  finally:
+    if raw is not None and not isinstance(raw, str):
+      raw.close()
 
 
 def mixture_texts(mixture: Mixture) -> Iterator[str]:

@@ -6,8 +6,9 @@ mixture's own documents first when it does not exist and the config asks for one
 which skips what `prepared_dir` already holds and resumes an interrupted run.
 
 Either may be a gs:// or s3:// URL, read through a local copy (`storage.download`, under
-$PRETRAIN_CACHE/objects/). A prepared directory on a bucket is read as it is, not prepared there:
-prepare it locally (its raw inputs are where `pretrain prepare` runs) and copy it up whole.
+$PRETRAIN_CACHE/objects/). A prepared directory on a bucket that holds a manifest.json is read as
+it is (prepared elsewhere and copied up, its raw inputs need not be here); one without is prepared
+there, from the mixture's inputs (local or on buckets), then copied down.
 """
 
 from __future__ import annotations
@@ -43,28 +44,33 @@ def ensure_tokenizer(data: DataConfig, mixture: Mixture, log: Callable[[str], No
 
 
 def ensure_prepared(data: DataConfig, *, workers: int | None = None, overwrite_mismatch: bool = False,
-                    log: Callable[[str], None] = print) -> tuple[Mixture, Tokenizer, dict]:
-  """(mixture, tokenizer, manifest) with every component's shards in `data.prepared_dir`."""
+                    log: Callable[[str], None] = print, download: bool = True) -> tuple[Mixture, Tokenizer, dict]:
+  """(mixture, tokenizer, manifest) with every component's shards in `data.prepared_dir`; a bucket's copied
+  to this host too when `download` (training reads local shards)."""
+  key = "config.data.prepared_dir"
   mixture = mixture_lib.load(data.mixture)
   tokenizer = ensure_tokenizer(data, mixture, log)
-  if storage.is_url(data.prepared_dir):
-    return mixture, tokenizer, _download_prepared(data.prepared_dir, mixture, tokenizer, log)
-  config = data.prepare if workers is None else dataclasses.replace(data.prepare, workers=workers)
-  # prepare() itself skips every finished shard, so a finished preparation costs only its planning.
-  manifest = prepare.prepare(mixture, pathlib.Path(data.prepared_dir).expanduser(), tokenizer, config=config,
-                             tokenizer_path=str(tokenizer.path), overwrite_mismatch=overwrite_mismatch, log=log)
+  url = data.prepared_dir if storage.is_url(data.prepared_dir) else None
+  if url:
+    storage.check_bucket(url, key)
+  if url and storage.as_path(f"{url.rstrip('/')}/{prepare.MANIFEST}").exists():
+    manifest = _prepared_elsewhere(url, mixture, tokenizer)
+  else:
+    config = data.prepare if workers is None else dataclasses.replace(data.prepare, workers=workers)
+    out = url or pathlib.Path(data.prepared_dir).expanduser()
+    # prepare() itself skips every finished shard, so a finished preparation costs only its planning.
+    manifest = prepare.prepare(mixture, out, tokenizer, config=config, tokenizer_path=str(tokenizer.path),
+                               overwrite_mismatch=overwrite_mismatch, log=log, out_key=key)
+  if url and download:
+    log(f"reading the prepared data in {url} from its copy in {storage.cache_path(url)}")
+    storage.download(url, key)
   return mixture, tokenizer, manifest
 
 
-def _download_prepared(url: str, mixture: Mixture, tokenizer: Tokenizer, log: Callable[[str], None]) -> dict:
-  """The manifest of a directory prepared elsewhere and copied to a bucket; its shards copied to this host."""
+def _prepared_elsewhere(url: str, mixture: Mixture, tokenizer: Tokenizer) -> dict:
+  """The manifest of a bucket's finished prepared directory, checked against this mixture and tokenizer."""
   key = "config.data.prepared_dir"
-  manifest_url = f"{url.rstrip('/')}/{prepare.MANIFEST}"
-  if not storage.as_path(manifest_url).exists():
-    storage.check_bucket(url, key)
-    raise ConfigError(key, f"{manifest_url} does not exist: a prepared directory on a bucket is read, not "
-                      "prepared there; run `pretrain prepare` into a local directory and copy it there whole")
-  manifest = json.loads(storage.as_path(manifest_url).read_text())
+  manifest = json.loads(storage.as_path(f"{url.rstrip('/')}/{prepare.MANIFEST}").read_text())
   missing = [name for name in mixture.names if name not in manifest.get("components", {})]
   if missing:
     raise ConfigError(key, f"{url} holds no prepared component {missing[0]!r} of mixture {mixture.name!r} "
@@ -72,6 +78,4 @@ def _download_prepared(url: str, mixture: Mixture, tokenizer: Tokenizer, log: Ca
   if manifest.get("tokenizer", {}).get("sha256") != prepare._file_digest(tokenizer.path):
     raise ConfigError(key, f"{url} was prepared with another tokenizer than {tokenizer.path} "
                       f"({manifest.get('tokenizer', {}).get('path')}, see its {prepare.MANIFEST})")
-  log(f"reading the prepared data in {url} from its copy in {storage.cache_path(url)}")
-  storage.download(url, key)
   return manifest
