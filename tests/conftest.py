@@ -30,7 +30,7 @@ def jax_compilation_cache(tmp_path_factory) -> pathlib.Path:
   base = tmp_path_factory.getbasetemp()
   directory = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "jax-compilation-cache"
   directory.mkdir(exist_ok=True)
-  settings = {"jax_compilation_cache_dir": str(directory), "jax_persistent_cache_min_compile_time_secs": 0.5,
+  settings = {"jax_compilation_cache_dir": str(directory), "jax_persistent_cache_min_compile_time_secs": 0,
               "jax_persistent_cache_min_entry_size_bytes": 0}
   for name, value in settings.items():
     os.environ[name.upper()] = str(value)

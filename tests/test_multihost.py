@@ -76,10 +76,16 @@ def complete_checkpoints(workdir: pathlib.Path) -> list[int]:
   return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) if directory.is_dir() else []
 
 
+@pytest.fixture(scope="module")
+def reference(data_dir, tmp_path_factory) -> pathlib.Path:
+  """The work directory of the uninterrupted 1-process run on 4 devices that the pods must match."""
+  root = tmp_path_factory.mktemp("one_process")
+  finish([start(write_config(root / "one.py", data_dir, root / "run"), 4)])
+  return root / "run"
+
+
 @pytest.mark.slow
-def test_two_processes_save_are_killed_resume_and_match_one_process_on_four_devices(data_dir, tmp_path):
-  reference = tmp_path / "one_process"
-  finish([start(write_config(tmp_path / "one.py", data_dir, reference), 4)])
+def test_two_processes_save_are_killed_resume_and_match_one_process_on_four_devices(data_dir, tmp_path, reference):
 
   pod = tmp_path / "two_processes"
   config = write_config(tmp_path / "two.py", data_dir, pod)
@@ -131,9 +137,7 @@ def test_ppl_during_training_in_a_multi_process_run_is_refused_before_it_starts(
 
 @pytest.mark.slow
 def test_a_checkpoint_only_one_process_cannot_restore_is_moved_aside_and_both_resume_from_the_one_before(
-    data_dir, tmp_path):
-  reference = tmp_path / "one_process"
-  finish([start(write_config(tmp_path / "one.py", data_dir, reference), 4)])
+    data_dir, tmp_path, reference):
   pod = tmp_path / "two_processes"
   config = write_config(tmp_path / "two.py", data_dir, pod)
   finish(start_pod(config, free_port()))

@@ -99,13 +99,20 @@ def experiment_of(config: pathlib.Path):
   return config_lib.parse_experiment(config_lib.load_file(str(config)))
 
 
+@pytest.fixture(scope="module")
+def local_run(data_dir, tmp_path_factory) -> pathlib.Path:
+  """The uninterrupted local run the bucket runs must equal (it prepares data_dir too): its work directory."""
+  root = tmp_path_factory.mktemp("local_run")
+  finish(start(write_config(root / "local.py", data_dir, str(root / "run"))))
+  return root / "run"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("bucket", ["gcs_bucket", "s3_bucket"])
 def test_a_run_all_in_a_bucket_is_killed_resumes_and_ends_bit_identical_to_a_local_run(data_dir, tmp_path, bucket,
-                                                                                     request):
+                                                                                     request, local_run):
   bucket = request.getfixturevalue(bucket)
-  local = tmp_path / "local"
-  finish(start(write_config(tmp_path / "local.py", data_dir, str(local))))  # prepares data_dir too
+  local = local_run
 
   bucket_data = f"{bucket}/{tmp_path.name}/data"
   for name in ("prepared", "tokenizer"):
