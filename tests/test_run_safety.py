@@ -318,3 +318,34 @@ def test_random_sigkills_a_damaged_checkpoint_and_a_full_disk_end_bit_identical(
   assert last["returncode"] == 0, last["out"]
   copy = tmp_path / "copy" / "run"
   _assert_same_params(copy, straight, config_lib.parse_experiment(config_for(copy)))
+
+
+def _leave_a_failed_gather_unretrieved(message: str) -> None:
+  """What a failed save's sibling writes do: their gather fails and nobody awaits it."""
+  import asyncio
+  import gc
+
+  async def write():
+    raise ValueError(message)
+
+  async def main():
+    gathered = asyncio.gather(write())
+    await asyncio.sleep(0.01)
+    del gathered
+
+  loop = asyncio.new_event_loop()
+  loop.run_until_complete(main())
+  loop.close()
+  gc.collect()
+
+
+def test_unretrieved_write_errors_of_a_failed_save_are_dropped_and_other_asyncio_errors_still_show(caplog):
+  from pretrain.train import checkpoint
+
+  checkpoint._quiet_failed_save_noise()
+  with caplog.at_level("ERROR", logger="asyncio"):
+    _leave_a_failed_gather_unretrieved('RESOURCE_EXHAUSTED: Error writing "params.x/0.0" in OCDBT database')
+    assert not [r for r in caplog.records if "never retrieved" in r.getMessage()]
+    _leave_a_failed_gather_unretrieved("something else went wrong")
+    shown = [r.getMessage() for r in caplog.records if "never retrieved" in r.getMessage()]
+  assert len(shown) == 1 and "something else went wrong" in shown[0]

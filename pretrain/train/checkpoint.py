@@ -294,10 +294,10 @@ def _free_mib(directory) -> float:
 
 
 def _quiet_failed_save_noise() -> None:
-  """When a save fails, Orbax logs the background thread's traceback, and the writes it cancels complete
-  into closed event loops ("Event loop is closed", unraisable): hundreds of lines, where the one-line
-  CheckpointSaveError says it all. Only those two are dropped; every other log record and unraisable
-  error still shows. Once per process."""
+  """When a save fails, Orbax logs the background thread's traceback, the writes it cancels complete into
+  closed event loops ("Event loop is closed", unraisable), and asyncio logs the errors of sibling writes
+  that nobody retrieved: hundreds of lines, where the one-line CheckpointSaveError says it all. Only
+  those three are dropped; every other log record and unraisable error still shows. Once per process."""
   global _NOISE_QUIETED
   if _NOISE_QUIETED:
     return
@@ -305,6 +305,9 @@ def _quiet_failed_save_noise() -> None:
   failed_save = ("_SignalingThread.run() raised an exception", "in background save thread",
                  "Save Finalize thread (save_finalize) failed")
   logging.getLogger("absl").addFilter(lambda record: not any(text in record.getMessage() for text in failed_save))
+  # The other tensorstore writes of a failed save fail too; gathered, their errors go unretrieved.
+  logging.getLogger("asyncio").addFilter(lambda record: not (
+      "exception was never retrieved" in record.getMessage() and "Error writing" in record.getMessage()))
   previous = sys.unraisablehook
 
   def hook(unraisable):
