@@ -150,7 +150,8 @@ def cmd_prepare(args: argparse.Namespace, config_flags: list[str]) -> None:
     from pretrain.data.tokenizer import load_tokenizer, special_tokens_from_config
 
     mixture = Mixture.from_inputs(args.input, domain=args.domain, text_field=args.text_field,
-                                  language=args.language)
+                                  language=args.language, group_repositories=args.group_repositories,
+                                  repository_field=args.repository_field, path_field=args.path_field)
     # A base model's own special tokens (Qwen2's have no BOS), from the tokenizer_config.json beside it.
     from pretrain import storage
     tokenizer_dir = (storage.download(args.tokenizer, "--tokenizer") if storage.is_url(args.tokenizer)
@@ -517,6 +518,11 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, Callable]]:
   p.add_argument("--out", metavar="DIR", help="output directory, for --input")
   p.add_argument("--text-field", default="text", help="JSONL key / Parquet column of the text (default: text)")
   p.add_argument("--language", default="", help="language of JSONL/Parquet documents")
+  p.add_argument("--group-repositories", action="store_true",
+                 help="with --input: one document per repository (the directories directly under an input "
+                 "directory; JSONL/Parquet rows by --repository-field), its files in path order")
+  p.add_argument("--repository-field", default="repository", help="JSONL key / Parquet column of a row's repository")
+  p.add_argument("--path-field", default="path", help="JSONL key / Parquet column of a row's path in its repository")
   p.add_argument("--skip-corrupt-records", "--skip_corrupt_records", action="store_true",
                  help="with --input: count and skip unreadable JSONL lines, Parquet rows and files instead of failing")
   p.add_argument("--fallback-encoding", metavar="CODEC", default=None,

@@ -30,3 +30,21 @@ LANGUAGE_BY_NAME = {
 def language_of(path: str) -> str | None:
   name = os.path.basename(path)
   return LANGUAGE_BY_NAME.get(name) or LANGUAGE_BY_EXTENSION.get(os.path.splitext(name)[1])
+
+# How a repository-level document names each file before its text: a comment in the file's own language.
+_COMMENT = {
+    **dict.fromkeys(("c", "cpp", "cuda", "objective-c", "objective-cpp", "javascript", "typescript", "java", "kotlin",
+                     "scala", "go", "rust", "php", "csharp", "swift", "dart", "scss", "vue", "protobuf", "json"),
+                    "// {}"),
+    **dict.fromkeys(("lua", "haskell", "sql"), "-- {}"),
+    **dict.fromkeys(("html", "xml", "xslt", "markdown"), "<!-- {} -->"),
+    **dict.fromkeys(("erlang", "tex"), "% {}"),
+    "css": "/* {} */", "ocaml": "(* {} *)", "clojure": ";; {}", "fortran": "! {}", "assembly": "; {}",
+    "batchfile": "REM {}",
+}
+
+
+def path_comment(language: str, path: str) -> str:
+  """A comment naming `path` in `language` ('// a/b.c', '<!-- a/b.html -->'); '# a/b' for Python, shells,
+  configuration files and any language not listed."""
+  return _COMMENT.get(language, "# {}").format(path)

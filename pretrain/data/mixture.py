@@ -35,6 +35,13 @@ class Component:
   fim_rate: float = 0.0  # fraction of documents turned into fill-in-the-middle examples
   fim_spm_rate: float = 0.0  # of those, the fraction in SPM order instead of PSM
   min_length: int = 0  # documents with fewer tokens are skipped (a long-context stage upsamples long ones)
+  # Repository-level documents, as DeepSeek-Coder made them: a repository's files, filtered one by one, then
+  # concatenated in path order (each after a comment naming its path) into one document, deduplicated as a
+  # whole. A source tree's repositories are the directories directly under an input directory; JSONL and
+  # Parquet rows are grouped by `repository_field` within one file, ordered by `path_field`.
+  group_repositories: bool = False
+  repository_field: str = "repository"
+  path_field: str = "path"
 
   def validate(self, key: str) -> None:
     if not self.name or "/" in self.name:
@@ -46,6 +53,8 @@ class Component:
         raise ConfigError(f"{key}.{name}", f"must be within [0, 1], got {getattr(self, name)}")
     if self.min_length < 0:
       raise ConfigError(f"{key}.min_length", f"must be >= 0, got {self.min_length}")
+    if self.group_repositories and not (self.repository_field and self.path_field):
+      raise ConfigError(f"{key}.repository_field", "grouping repositories needs a repository_field and a path_field")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -76,11 +85,10 @@ class Mixture:
       raise ConfigError(f"{key}.components", "all weights are zero; at least one must be positive")
 
   @classmethod
-  def from_inputs(cls, inputs, *, domain: str, text_field: str = "text", language: str = "",
-                  key: str = "--input") -> Mixture:
-    """A one-component mixture of bare inputs (paths relative to the current directory)."""
-    component = {"name": domain, "domain": domain, "weight": 1.0, "inputs": [str(p) for p in inputs],
-                 "text_field": text_field, "language": language}
+  def from_inputs(cls, inputs, *, domain: str, key: str = "--input", **settings) -> Mixture:
+    """A one-component mixture of bare inputs (paths relative to the current directory); `settings` are other
+    Component fields (text_field, language, group_repositories, ...)."""
+    component = {"name": domain, "domain": domain, "weight": 1.0, "inputs": [str(p) for p in inputs], **settings}
     return schema.parse(cls, {"name": "inputs", "components": [component], "root": "."}, key)
 
   def component(self, name: str) -> Component:

@@ -113,9 +113,8 @@ def _scan(task: tuple[sources.Unit, str]) -> tuple[list[tuple], dict]:
   return scan_unit(unit, domain, _WORKER["tokenizer"], _WORKER["config"])
 
 
-def _tokenize(task: tuple[sources.Unit, list[int], list[int]]) -> list[tuple]:
-  unit, positions, ordinals = task
-  return tokenize_unit(unit, positions, ordinals, _WORKER["tokenizer"], _WORKER["config"])
+def _tokenize(task: tuple[sources.Unit, str, list[int], list[int]]) -> list[tuple]:
+  return tokenize_unit(*task, _WORKER["tokenizer"], _WORKER["config"])
 
 
 class _InlinePool:
@@ -259,7 +258,7 @@ def _write_shards(directory: epath.Path, component: Component, units: list[sourc
                   pool, workers: int, config: Prepare, log) -> list[dict]:
   kept = len(selection["unit"])
   per_shard = config.docs_per_shard
-  paths, stats, tasks = shard_work(directory, selection, units, config)
+  paths, stats, tasks = shard_work(directory, component, selection, units, config)
   if len(stats) < len(paths):
     log(f"{component.name}: tokenizing {len(paths) - len(stats)} of {len(paths)} shards")
   building: dict[int, list] = {}
@@ -290,8 +289,8 @@ def _plan(mixture: Mixture, units: dict[str, list[sources.Unit]], tokenizer: Tok
   parts = {
       "inputs": inputs,
       "tokenizer": {**tokenizer.describe(), "path": str(tokenizer_path), "sha256": _file_digest(tokenizer_path)},
-      "components": {c.name: {"domain": c.domain, "language": c.language, "text_field": c.text_field}
-                     for c in mixture.components},
+      "components": {c.name: {"domain": c.domain, "language": c.language, "text_field": c.text_field,
+                              **_grouping(c)} for c in mixture.components},
       "config": {k: v for k, v in _config_dict(config).items() if k != "workers"},  # workers: same output
   }
   # The tokenizer is known by its contents: the same file elsewhere makes the same tokens.
@@ -309,8 +308,20 @@ def _config_dict(config: Prepare) -> dict:
           if not (k in _LATER_SETTINGS and v is None) and k not in _HOW_SETTINGS}
 
 
+def _grouping(component: Component) -> dict:
+  """How a component groups repositories, for the plan; nothing when it does not (as before the setting)."""
+  if not component.group_repositories:
+    return {}
+  return {"group_repositories": True, "repository_field": component.repository_field,
+          "path_field": component.path_field}
+
+
 def _size_and_mtime(unit: sources.Unit) -> tuple:
-  """A local file's size and mtime; an object's size and generation (or ETag)."""
+  """A local file's size and mtime; an object's size and generation (or ETag); a repository's files, each
+  with its own."""
+  if unit.kind == "repository":
+    return tuple(x for file, stamp in unit.files
+                 for x in (file, *_size_and_mtime(sources.Unit("source", file, "", stamp=stamp))))
   if unit.stamp:
     return unit.stamp
   stat = os.stat(unit.path)

@@ -85,7 +85,7 @@ class BeamEngine:
 
   def write_shards(self, out, components, units: dict[str, list[sources.Unit]], selections: dict[str, dict],
                    log) -> dict[str, list[dict]]:
-    work = {c.name: prepare_steps.shard_work(out / c.name, selections[c.name], units[c.name], self.config)
+    work = {c.name: prepare_steps.shard_work(out / c.name, c, selections[c.name], units[c.name], self.config)
             for c in components}
     tasks = [(c.name, *task) for c in components for task in work[c.name][2]]
     todo = {name: len(paths) - len(stats) for name, (paths, stats, _) in work.items()}
@@ -323,8 +323,8 @@ class _Tokenize(beam.DoFn):
     self.tokenizer, self.config = tokenizer, config
 
   def process(self, task):
-    name, unit, positions, ordinals = task
-    entries = prepare_steps.tokenize_unit(unit, positions, ordinals, self.tokenizer, self.config)
+    name, unit, domain, positions, ordinals = task
+    entries = prepare_steps.tokenize_unit(unit, domain, positions, ordinals, self.tokenizer, self.config)
     for ordinal, language, source, tokens, reason in entries:
       yield (name, ordinal // self.config.docs_per_shard), (ordinal, language, source, tokens, reason)
 

@@ -4,7 +4,7 @@ both write the same bytes.
 
   pass 1 (select): scan_unit -> per document its drop reason, content hash and MinHash signature;
     make_selection -> the kept documents' places and the counts of the rest.
-  pass 2 (write): shard_work -> the (unit, positions, ordinals) tasks of the shards not yet finished;
+  pass 2 (write): shard_work -> the (unit, domain, positions, ordinals) tasks of the shards not yet finished;
     tokenize_unit -> tokens per wanted document; finish_shard -> the shard and its stats beside it.
 """
 
@@ -14,6 +14,7 @@ import collections
 import json
 import math
 import pathlib
+from collections.abc import Iterator
 from typing import Any, Protocol
 
 import numpy as np
@@ -41,13 +42,8 @@ def scan_unit(unit: sources.Unit, domain: str, tokenizer: Tokenizer, config: Pre
   the counts of what it skipped."""
   skipped = collections.Counter()
   docs = []
-  for doc in sources.read_unit(unit, skipped, skip_corrupt=config.skip_corrupt_records,
-                               fallback_encoding=config.fallback_encoding):
-    reason = digest = hashvalues = None
-    if not doc.text.strip():
-      reason = "empty"
-    elif domain == "code":
-      reason = filters.check(doc.text, doc.language, config.filters)
+  for doc, reason in documents(unit, domain, config, skipped):
+    digest = hashvalues = None
     if reason is None:
       text = tokenizer.normalize(doc.text)
       if not text.strip():
@@ -59,15 +55,47 @@ def scan_unit(unit: sources.Unit, domain: str, tokenizer: Tokenizer, config: Pre
   return docs, dict(skipped)
 
 
-def tokenize_unit(unit: sources.Unit, positions: list[int], ordinals: list[int], tokenizer: Tokenizer,
+def documents(unit: sources.Unit, domain: str, config: Prepare, skipped: collections.Counter, *,
+              filter_all: bool = True) -> Iterator[tuple[sources.RawDocument, str | None]]:
+  """A unit's documents in order, each with the reason a filter drops it (or None); both passes see the same.
+
+  In a unit that groups repositories, files are filtered one by one: each dropped one is a document of its
+  own, dropped, at its place; the others become their repository's document, at its first kept file's place.
+  Pass 2 knows its documents' places: `filter_all=False` filters only where grouping needs it.
+  """
+  read = sources.read_unit(unit, skipped, skip_corrupt=config.skip_corrupt_records,
+                           fallback_encoding=config.fallback_encoding)
+  if not unit.grouped:
+    for doc in read:
+      yield doc, _filtered(doc, domain, config) if filter_all else None
+    return
+  order, repositories = [], {}  # documents with their reasons, and names of repositories in their places
+  for doc in read:
+    reason = _filtered(doc, domain, config)
+    if doc.repository is None or reason:
+      order.append((doc, reason))
+      continue
+    if doc.repository not in repositories:
+      repositories[doc.repository] = []
+      order.append(doc.repository)
+    repositories[doc.repository].append(doc)
+  for item in order:
+    yield (sources.repository_document(unit, repositories[item]), None) if isinstance(item, str) else item
+
+
+def _filtered(doc: sources.RawDocument, domain: str, config: Prepare) -> str | None:
+  if not doc.text.strip():
+    return "empty"
+  return filters.check(doc.text, doc.language, config.filters) if domain == "code" else None
+
+
+def tokenize_unit(unit: sources.Unit, domain: str, positions: list[int], ordinals: list[int], tokenizer: Tokenizer,
                   config: Prepare) -> list[tuple]:
   """Pass 2 on one unit: (ordinal, language, source, tokens or None, drop reason or None) per wanted document
   (`positions` ascending, each with its place among the component's kept documents in `ordinals`)."""
   wanted = dict(zip(positions, ordinals))
   out = []
-  documents = sources.read_unit(unit, collections.Counter(), skip_corrupt=config.skip_corrupt_records,
-                                fallback_encoding=config.fallback_encoding)
-  for position, doc in enumerate(documents):
+  for position, (doc, _) in enumerate(documents(unit, domain, config, collections.Counter(), filter_all=False)):
     if position in wanted:
       tokens = np.asarray(tokenizer.encode(tokenizer.normalize(doc.text)), np.int32)
       reason = ("empty" if not tokens.size else
@@ -129,9 +157,10 @@ def stats_path(shard: pathlib.Path) -> pathlib.Path:
   return shard.with_name(shard.name.removesuffix(records.SHARD_SUFFIX) + ".stats.json")
 
 
-def shard_work(directory: pathlib.Path, selection: dict, units: list[sources.Unit], config: Prepare
-               ) -> tuple[list[pathlib.Path], dict[int, dict], list[tuple]]:
-  """(every shard's path, the stats of those finished before, (unit, positions, ordinals) tasks for the rest).
+def shard_work(directory: pathlib.Path, component: Component, selection: dict, units: list[sources.Unit],
+               config: Prepare) -> tuple[list[pathlib.Path], dict[int, dict], list[tuple]]:
+  """(every shard's path, the stats of those finished before, (unit, domain, positions, ordinals) tasks for the
+  rest).
 
   Shard i holds kept documents [i * docs_per_shard, (i + 1) * docs_per_shard) in key order, whichever engine
   writes it."""
@@ -147,8 +176,8 @@ def shard_work(directory: pathlib.Path, selection: dict, units: list[sources.Uni
   unit_of, position_of = selection["unit"][ordinals], selection["position"][ordinals]
   starts = [0, *np.flatnonzero(np.diff(unit_of) != 0) + 1]
   ends = [*starts[1:], len(ordinals)]
-  tasks = [(units[unit_of[s]], position_of[s:e].tolist(), ordinals[s:e].tolist()) for s, e in zip(starts, ends)
-           if e > s]
+  tasks = [(units[unit_of[s]], component.domain, position_of[s:e].tolist(), ordinals[s:e].tolist())
+           for s, e in zip(starts, ends) if e > s]
   return paths, stats, tasks
 
 

@@ -18,6 +18,10 @@ set and the text it gives has no control characters, and counted as `fallback_de
 otherwise it is skipped and counted as undecodable. JSONL and Parquet text is UTF-8 by their
 specs: no fallback there. A JSONL row's language is the component's `language`, else the row's
 `language` field, else "unknown".
+
+With `Component.group_repositories`, a directory directly under an input directory is one `Unit` of kind
+"repository" (its source files, in walk order), and a JSONL or Parquet unit marks each row that has a
+`repository_field` with its repository and `path_field`; `repository_document` joins a repository's files.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ import fsspec
 
 from pretrain import storage
 from pretrain.data import builtin_corpus
-from pretrain.data.languages import language_of
+from pretrain.data.languages import language_of, path_comment
 from pretrain.data.mixture import Mixture
 from pretrain.schema import ConfigError
 
@@ -61,13 +65,20 @@ class CorruptInputError(ConfigError):
 
 @dataclasses.dataclass(frozen=True)
 class Unit:
-  """One input file: a source file, a JSONL file or a Parquet file."""
+  """One input file (a source file, a JSONL file or a Parquet file), or a repository's directory."""
 
-  kind: str  # source | jsonl | parquet
+  kind: str  # source | jsonl | parquet | repository
   path: str
   language: str  # a source file's language; the component's language for JSONL / Parquet ("" if none)
   text_field: str = "text"
   stamp: tuple = ()  # an object's (size, generation or ETag); () for a local file (the plan stats it)
+  files: tuple = ()  # a repository's source files: ((path, stamp), ...)
+  repository_field: str = ""  # JSONL / Parquet: the field naming a row's repository ("": rows are not grouped)
+  path_field: str = ""
+
+  @property
+  def grouped(self) -> bool:
+    return self.kind == "repository" or bool(self.repository_field)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +86,8 @@ class RawDocument:
   text: str
   language: str
   source: str  # path, path:line (JSONL, 1-based) or path#row (Parquet, 0-based)
+  repository: str | None = None  # when grouping repositories: the repository the file belongs to
+  path: str = ""  # ... and its path there
 
 
 def _kind_of(path: str) -> str | None:
@@ -95,22 +108,46 @@ def plan_units(mixture: Mixture, index: int) -> tuple[list[Unit], collections.Co
   if not component.inputs:
     raise ConfigError(key, f"component {component.name!r} has no inputs to prepare")
   units, skipped = [], collections.Counter()
+  rows_grouped = ({"repository_field": component.repository_field, "path_field": component.path_field}
+                  if component.group_repositories else {})
   for given, path in zip(component.inputs, mixture.input_paths(component)):
     listing = _list_url(given, path, key) if storage.is_url(path) else _list_local(given, path, key)
     for match, stamp, files in listing:
       if files is not None:  # a directory: its source files, in walk order
+        source_files = []
         for file, file_stamp in files:
           if _kind_of(file) == "source":
-            units.append(Unit("source", file, language_of(file), stamp=file_stamp))
+            source_files.append((file, file_stamp))
           else:  # data files inside a source tree are not read as data: list them as inputs
             skipped["unknown_type_files"] += 1
+        if component.group_repositories:
+          units.extend(_repository_units(match, source_files))
+        else:
+          units.extend(Unit("source", file, language_of(file), stamp=file_stamp) for file, file_stamp in source_files)
         continue
       kind = _kind_of(match)
       if kind is None:
         raise ConfigError(key, f"{match} is not a directory, .jsonl, .jsonl.gz, .parquet or known source file")
       units.append(Unit(kind, match, language_of(match) if kind == "source" else component.language,
-                        component.text_field, stamp))
+                        component.text_field, stamp, **(rows_grouped if kind != "source" else {})))
   return units, skipped
+
+
+def _repository_units(directory: str, files: list[tuple]) -> list[Unit]:
+  """A directory's files as units: each directory directly under it a repository, its files in walk order;
+  files directly in it stay units of their own. In the order of each one's first file."""
+  root = directory.rstrip("/") + "/"
+  units, repositories = [], {}
+  for file, stamp in files:
+    repository, slash, _ = file.removeprefix(root).partition("/")
+    if not slash:
+      units.append(Unit("source", file, language_of(file), stamp=stamp))
+      continue
+    if repository not in repositories:
+      repositories[repository] = []
+      units.append(repository)  # its place, filled below
+    repositories[repository].append((file, stamp))
+  return [Unit("repository", root + u, "", files=tuple(repositories[u])) if isinstance(u, str) else u for u in units]
 
 
 # An input's matches: (path, stamp, None) for a file, (path, (), [(file, stamp), ...]) for a directory.
@@ -183,6 +220,11 @@ def read_unit(unit: Unit, skipped: collections.Counter, *, skip_corrupt: bool,
   """The documents of one unit in file order; counts what it skips (and decodes by the fallback) in `skipped`."""
   if unit.kind == "source":
     yield from _read_source(unit, skipped, fallback_encoding)
+  elif unit.kind == "repository":
+    root = unit.path + "/"
+    for file, stamp in unit.files:
+      for doc in _read_source(Unit("source", file, language_of(file), stamp=stamp), skipped, fallback_encoding):
+        yield dataclasses.replace(doc, repository=unit.path, path=file.removeprefix(root))
   elif unit.kind == "jsonl":
     yield from _read_jsonl(unit, skipped, skip_corrupt)
   else:
@@ -244,7 +286,8 @@ def _read_jsonl(unit: Unit, skipped: collections.Counter, skip_corrupt: bool) ->
                    "corrupt_records")
           continue
         language = unit.language or str(row.get("language") or "unknown")
-        yield RawDocument(text, language, f"{unit.path}:{line_number}")
+        yield _row_document(unit, text, language, f"{unit.path}:{line_number}", row.get(unit.repository_field),
+                            row.get(unit.path_field))
   except (OSError, EOFError, zlib.error) as e:  # unreadable, or a truncated or damaged .gz
     _corrupt(f"{unit.path}:{line_number + 1}", f"unreadable: {e}", skip_corrupt, skipped, "corrupt_files")
 
@@ -261,14 +304,17 @@ def _read_parquet(unit: Unit, skipped: collections.Counter, skip_corrupt: bool) 
     names = parquet.schema_arrow.names
     if unit.text_field not in names:
       raise CorruptInputError(unit.path, f"no column {unit.text_field!r}; columns: {', '.join(names)}")
-    with_language = not unit.language and "language" in names
-    columns = [unit.text_field] + (["language"] if with_language else [])
+    wanted = [unit.text_field] + [c for c in ("language",) if not unit.language] + [
+        c for c in (unit.repository_field, unit.path_field) if unit.repository_field]
+    columns = [c for c in dict.fromkeys(wanted) if c in names]
     for batch in parquet.iter_batches(batch_size=1024, columns=columns):
-      texts = batch.column(0).to_pylist()
-      languages = batch.column(1).to_pylist() if with_language else [None] * len(texts)
-      for text, language in zip(texts, languages):
+      table = {c: batch.column(i).to_pylist() for i, c in enumerate(columns)}
+      for i, text in enumerate(table[unit.text_field]):
+        language, repository, path = (table[c][i] if c in table else None
+                                      for c in ("language", unit.repository_field, unit.path_field))
         if isinstance(text, str):
-          yield RawDocument(text, unit.language or str(language or "unknown"), f"{unit.path}#{row}")
+          yield _row_document(unit, text, unit.language or str(language or "unknown"), f"{unit.path}#{row}",
+                              repository, path)
         else:
           _corrupt(f"{unit.path}#{row}", f"column {unit.text_field!r} is {text!r}, not a string", skip_corrupt,
                    skipped, "corrupt_records")
@@ -278,6 +324,30 @@ def _read_parquet(unit: Unit, skipped: collections.Counter, skip_corrupt: bool) 
   finally:
     if raw is not None and not isinstance(raw, str):
       raw.close()
+
+
+def _row_document(unit: Unit, text: str, language: str, source: str, repository, path) -> RawDocument:
+  """A JSONL or Parquet row's document; marked with its repository when the unit groups them and the row names
+  one (a row without is a document of its own)."""
+  if not unit.repository_field or repository is None or repository == "":
+    return RawDocument(text, language, source)
+  return RawDocument(text, language, source, repository=str(repository), path="" if path is None else str(path))
+
+
+def repository_document(unit: Unit, files: list[RawDocument]) -> RawDocument:
+  """One repository's files as one document: in path order (then order read), each after a comment naming its
+  path in its language; of the language most of its characters are in."""
+  files = sorted(files, key=lambda f: f.path)  # stable: equal paths keep the order read
+  characters = collections.Counter()
+  for f in files:
+    characters[f.language] += len(f.text)
+  language = min(characters, key=lambda lang: (-characters[lang], lang))
+  parts = []
+  for f in files:
+    parts += [path_comment(f.language, f.path), "\n", f.text, "" if f.text.endswith("\n") else "\n"]
+  text = "".join(parts)
+  where = files[0].repository if unit.kind == "repository" else f"{unit.path}[{files[0].repository}]"
+  return RawDocument(text, language, where, repository=files[0].repository)
 
 
 def mixture_texts(mixture: Mixture) -> Iterator[str]:
