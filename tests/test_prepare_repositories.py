@@ -10,7 +10,7 @@ import pathlib
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from test_prepare import ByteTokenizer, code_file, lightly_edited, prepare_cli, read_documents, run  # noqa: F401
+from test_prepare import code_file, lightly_edited, prepare_cli, read_documents, run
 from test_prepare import tokenizer_json  # noqa: F401 (a fixture)
 
 from pretrain import schema
