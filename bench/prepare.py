@@ -156,6 +156,8 @@ def near_beam(n: int, workers: int) -> None:
     duplicates = survivors | NearDuplicates(config, 24)
     (duplicates | "Count" >> beam.combiners.Count.Globally()
      | "Write count" >> beam.io.WriteToText(f"{scratch}/count"))
+    (survivors | "Count seen" >> beam.combiners.Count.Globally()  # every document made it through the runner
+     | "Write seen" >> beam.io.WriteToText(f"{scratch}/seen"))
     # Every worker's peak so far, read after it ran the stage's last step (its process ran the others too).
     peaks = ((duplicates | "Spread" >> beam.Reshuffle() | "Peak" >> beam.Map(_peak)),
              survivors | "Sample" >> beam.Filter(lambda d: d[1] % 997 == 0) | "Peak of readers" >> beam.Map(_peak))
@@ -163,8 +165,10 @@ def near_beam(n: int, workers: int) -> None:
      | "Write peaks" >> beam.io.WriteToText(f"{scratch}/peaks"))
   seconds = time.perf_counter() - start
   lines = {stem: [line for p in pathlib.Path(scratch).glob(f"{stem}*") for line in p.read_text().splitlines() if line]
-           for stem in ("peaks", "count")}
+           for stem in ("peaks", "count", "seen")}
   peaks, count = [json.loads(line)[1] for line in lines["peaks"]], int(lines["count"][0])
+  if int(lines["seen"][0]) != n:
+    raise SystemExit(f"the Beam pipeline saw {lines['seen'][0]} of {n} documents")
   shutil.rmtree(scratch)
   print(json.dumps({"near_duplicates": count, "seconds": seconds, "worker_peak_rss_mb": max(peaks),
                     "workers_seen": len(peaks), "runner_peak_rss_mb": peak_rss_mb()}))
