@@ -86,7 +86,6 @@ def reference(data_dir, tmp_path_factory) -> pathlib.Path:
 
 @pytest.mark.slow
 def test_two_processes_save_are_killed_resume_and_match_one_process_on_four_devices(data_dir, tmp_path, reference):
-
   pod = tmp_path / "two_processes"
   config = write_config(tmp_path / "two.py", data_dir, pod)
   processes = start_pod(config, free_port())

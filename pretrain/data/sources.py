@@ -329,7 +329,7 @@ def _read_parquet(unit: Unit, skipped: collections.Counter, skip_corrupt: bool) 
 def _row_document(unit: Unit, text: str, language: str, source: str, repository, path) -> RawDocument:
   """A JSONL or Parquet row's document; marked with its repository when the unit groups them and the row names
   one (a row without is a document of its own)."""
-  if not unit.repository_field or repository is None or repository == "":
+  if not unit.repository_field or repository in (None, ""):
     return RawDocument(text, language, source)
   return RawDocument(text, language, source, repository=str(repository), path="" if path is None else str(path))
 
