@@ -183,7 +183,8 @@ def _fresh(flag: str, n: int, workers: int) -> dict:
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--corpus-mb", type=float, default=200)
-  parser.add_argument("--dedup-docs", default="100000,1000000", help="comma-separated document counts")
+  parser.add_argument("--dedup-docs", default="100000,1000000",
+                      help="comma-separated document counts ('' for the throughput run alone)")
   parser.add_argument("--workers", type=int, default=os.cpu_count())
   parser.add_argument("--near-local", type=int, help=argparse.SUPPRESS)  # the fresh processes of near_*
   parser.add_argument("--near-beam", type=int, help=argparse.SUPPRESS)
@@ -206,7 +207,7 @@ def main() -> None:
     shutil.rmtree(root, ignore_errors=True)
   print(f"\nnear-dedup stage, peak RSS (MB; local: after imports -> peak)\n{'documents':>10}{'local':>14}"
         f"{'beam/worker':>13}{'beam runner':>13}{'dups local':>12}{'dups beam':>11}")
-  for n in (int(x) for x in args.dedup_docs.split(",")):
+  for n in (int(x) for x in args.dedup_docs.split(",") if x):
     local, beam_run = (_fresh(flag, n, args.workers) for flag in ("--near-local", "--near-beam"))
     print(f"{n:>10,}{local['imports_mb']:>7.0f} ->{local['peak_rss_mb']:>5.0f}{beam_run['worker_peak_rss_mb']:>13.0f}"
           f"{beam_run['runner_peak_rss_mb']:>13.0f}{local['near_duplicates']:>12,}{beam_run['near_duplicates']:>11,}"

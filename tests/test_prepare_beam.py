@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import random
 import shutil
 
 import pyarrow as pa
@@ -126,6 +127,34 @@ def test_beam_in_worker_processes(corpus, local, tmp_path, monkeypatch):
   assert prepare_with(corpus, out, "--direct_num_workers=2", "--direct_running_mode=multi_processing",
                       mixture=mixture) == expected
   assert tree(out) == tree(tmp_path / "local")
+
+
+def test_pipelines_do_not_carry_the_corpus(tmp_path, monkeypatch):
+  """Both pipelines read their tasks (every input file; every kept document's position) from a file: a
+  pipeline's description is the same size for 2 files of 10 documents as for 100 files of 30."""
+  sizes = []
+  run = beam.Pipeline.run
+
+  def recording_run(pipeline, *args, **kwargs):
+    sizes.append(len(pipeline.to_runner_api().SerializeToString()))
+    return run(pipeline, *args, **kwargs)
+
+  monkeypatch.setattr(beam.Pipeline, "run", recording_run)
+  words = [f"w{i}" for i in range(500)]
+  manifests = []
+  for root, files, docs in ((tmp_path / "a", 2, 10), (tmp_path / "b", 100, 30)):
+    root.mkdir()
+    for f in range(files):
+      rows = [" ".join(random.Random(f * 1000 + d).choices(words, k=60)) for d in range(docs)]
+      (root / f"part-{f:03d}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in rows))
+    mixture = schema.parse(Mixture, {"name": "n", "root": str(root), "components": [
+        {"name": "text", "domain": "text", "weight": 1.0, "inputs": ["*.jsonl"]}]})
+    manifests.append(prepare_with(root, root / "out", "--direct_num_workers=1", mixture=mixture,
+                                  docs_per_shard=10_000)["components"]["text"])
+  assert [m["documents_written"] for m in manifests] == [20, 3000]  # every document reached the shards
+  (select_small, write_small), (select_large, write_large) = sizes[:2], sizes[2:]
+  # Sent in a beam.Create, the larger corpus' tasks made the descriptions 1.5 kB and 7.7 kB larger (compressed).
+  assert abs(select_large - select_small) < 200 and abs(write_large - write_small) < 200, sizes
 
 
 # Bad input: the same error or counts as locally, and nothing that looks finished.

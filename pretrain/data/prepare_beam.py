@@ -13,7 +13,8 @@ does; the workers run the two passes as two pipelines, with the same functions (
      tasks as the local engine does (`shard_work`) -> tokenize (`tokenize_unit`) -> a group
      per shard, sorted by ordinal -> `finish_shard` (the shard under a temporary name, renamed, then
      its stats). The launcher reads the stats back for the manifest.
-The dedup rule is dedup.py's, and a document's key comes from the plan, so what is kept, every shard
+Both pipelines read their tasks from a file the launcher writes in the temporary directory, so the
+pipeline's description is the same size whatever the corpus. The dedup rule is dedup.py's, and a document's key comes from the plan, so what is kept, every shard
 and the manifest are the same bytes as the local engine's, whatever the runner, workers or bundles.
 
 A corrupt input is reported as locally: the workers emit it rather than raise, and the launcher
@@ -25,10 +26,12 @@ worker mounts; the temporary directory is
 
 from __future__ import annotations
 
+import base64
 import collections
 import contextlib
 import hashlib
 import json
+import pickle
 import random
 import shutil
 import tempfile
@@ -75,9 +78,10 @@ class BeamEngine:
     if self.ours.unit_order_seed is not None:
       random.Random(self.ours.unit_order_seed).shuffle(tasks)
     with self._scratch() as scratch:
+      _write_tasks(f"{scratch}/units", tasks)
       with beam.Pipeline(options=self.options) as pipeline:
         (pipeline
-         | "Units" >> beam.Create(tasks)
+         | "Units" >> _ReadTasks(f"{scratch}/units")
          | "Select" >> Select(self.tokenizer, self.config, self.ours.near_dedup_rounds)
          | "Write" >> beam.io.WriteToText(f"{scratch}/selection", file_name_suffix=".jsonl"))
       lines = _read_lines(f"{scratch}/selection*")
@@ -93,13 +97,15 @@ class BeamEngine:
       log("beam: tokenizing " + ", ".join(f"{n} of {len(work[c.name][0])} shards of {c.name}"
                                           for c in components if (n := todo[c.name])))
       shards = {c.name: (c, [str(p) for p in work[c.name][0]]) for c in components}
-      with beam.Pipeline(options=self.options) as pipeline:
-        (pipeline
-         | "Tasks" >> beam.Create(tasks)
-         | "Spread" >> beam.Reshuffle()
-         | "Tokenize" >> beam.ParDo(_Tokenize(self.tokenizer, self.config))
-         | "By shard" >> beam.GroupByKey()
-         | "Finish" >> beam.Map(_finish, shards))
+      with self._scratch() as scratch:
+        _write_tasks(f"{scratch}/tasks", tasks)
+        with beam.Pipeline(options=self.options) as pipeline:
+          (pipeline
+           | "Tasks" >> _ReadTasks(f"{scratch}/tasks")
+           | "Spread" >> beam.Reshuffle()
+           | "Tokenize" >> beam.ParDo(_Tokenize(self.tokenizer, self.config))
+           | "By shard" >> beam.GroupByKey()
+           | "Finish" >> beam.Map(_finish, shards))
     result = {}
     for c in components:
       paths, stats, _ = work[c.name]
@@ -129,6 +135,29 @@ def _scratch(temp_location: str | None):
     matches = FileSystems.match([f"{path}/*"])[0].metadata_list
     if matches:
       FileSystems.delete([m.path for m in matches])
+
+
+# A pipeline's tasks (pass 1: every input file; pass 2: every kept document's position and ordinal) go to
+# the workers as a file in the scratch directory, not as a beam.Create: a Create's elements travel inside
+# the pipeline's own description, which would then grow with the corpus (Dataflow refuses a job request
+# over 10 MB), and the runner would hand them out from memory.
+def _write_tasks(path: str, tasks: list[tuple]) -> None:
+  with FileSystems.create(path) as f:
+    for task in tasks:
+      f.write(base64.b64encode(pickle.dumps(task)) + b"\n")
+
+
+class _ReadTasks(beam.PTransform):
+  """_write_tasks's file -> its tasks, split among the workers by byte ranges."""
+
+  def __init__(self, path: str):
+    super().__init__()
+    self.path = path
+
+  def expand(self, pipeline):
+    return (pipeline
+            | "Read" >> beam.io.ReadFromText(self.path, validate=False)
+            | "Decode" >> beam.Map(lambda line: pickle.loads(base64.b64decode(line))))
 
 
 def _read_lines(pattern: str) -> list[dict]:
