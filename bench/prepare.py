@@ -14,7 +14,10 @@ N of them, through each engine's near-dedup stage alone: the local engine's `ded
 fresh process (peak RSS of that process: every signature, bucket and union-find entry in memory), and
 the Beam engine's `NearDuplicates` on worker processes that generate their own share of the
 signatures (peak RSS per worker; the in-process runner's own process also holds the shuffled data,
-the shuffle service's job on a cluster, reported apart).
+the shuffle service's job on a cluster, reported apart). `bare GBK/worker` is the runner's own share:
+the same signatures and as many band entries per document through one GroupByKey whose every group
+is a single entry, none of our transforms. The DirectRunner gives each worker its share of a stage as
+one bundle, so this figure too grows with the documents.
 """
 
 from __future__ import annotations
@@ -139,8 +142,15 @@ def _peak(_):
   return os.getpid(), peak_rss_mb()
 
 
-def near_beam(n: int, workers: int) -> None:
-  """In a fresh process: the Beam near-dedup stage on worker processes that make their own signatures."""
+def _bare_band_entries(doc, bands: int):
+  yield from (((doc[1], band), doc[1]) for band in range(bands))
+
+
+def near_beam(n: int, workers: int, bare: bool = False) -> None:
+  """In a fresh process: the Beam near-dedup stage on worker processes that make their own signatures.
+
+  `bare`: the runner's own share instead, none of our transforms: as many (key, band) entries per document
+  as near dedup's band shuffle, through a GroupByKey whose every group is one entry."""
   import apache_beam as beam
   from apache_beam.options.pipeline_options import PipelineOptions
 
@@ -153,7 +163,12 @@ def near_beam(n: int, workers: int) -> None:
   with beam.Pipeline(options=options) as pipeline:
     survivors = (pipeline | beam.Create(range(-(-n // CHUNK))) | beam.Reshuffle()
                  | beam.FlatMap(_generate, n, config.dedup.num_perm))
-    duplicates = survivors | NearDuplicates(config, 24)
+    if bare:
+      bands, _ = dedup.band_split(config.dedup.threshold, config.dedup.num_perm)
+      duplicates = (survivors | beam.FlatMap(_bare_band_entries, bands) | beam.GroupByKey()
+                    | beam.MapTuple(lambda key, _: key[0]))
+    else:
+      duplicates = survivors | NearDuplicates(config, 24)
     (duplicates | "Count" >> beam.combiners.Count.Globally()
      | "Write count" >> beam.io.WriteToText(f"{scratch}/count"))
     (survivors | "Count seen" >> beam.combiners.Count.Globally()  # every document made it through the runner
@@ -188,11 +203,14 @@ def main() -> None:
   parser.add_argument("--workers", type=int, default=os.cpu_count())
   parser.add_argument("--near-local", type=int, help=argparse.SUPPRESS)  # the fresh processes of near_*
   parser.add_argument("--near-beam", type=int, help=argparse.SUPPRESS)
+  parser.add_argument("--bare-beam", type=int, help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.near_local:
     return near_local(args.near_local)
   if args.near_beam:
     return near_beam(args.near_beam, args.workers)
+  if args.bare_beam:
+    return near_beam(args.bare_beam, args.workers, bare=True)
   root = pathlib.Path(tempfile.mkdtemp(prefix="bench-prepare-"))
   try:
     size = write_corpus(root, args.corpus_mb)
@@ -206,12 +224,12 @@ def main() -> None:
   finally:
     shutil.rmtree(root, ignore_errors=True)
   print(f"\nnear-dedup stage, peak RSS (MB; local: after imports -> peak)\n{'documents':>10}{'local':>14}"
-        f"{'beam/worker':>13}{'beam runner':>13}{'dups local':>12}{'dups beam':>11}")
+        f"{'beam/worker':>13}{'beam runner':>13}{'dups local':>12}{'dups beam':>11}{'bare GBK/worker':>17}")
   for n in (int(x) for x in args.dedup_docs.split(",") if x):
-    local, beam_run = (_fresh(flag, n, args.workers) for flag in ("--near-local", "--near-beam"))
+    local, beam_run, bare = (_fresh(flag, n, args.workers) for flag in ("--near-local", "--near-beam", "--bare-beam"))
     print(f"{n:>10,}{local['imports_mb']:>7.0f} ->{local['peak_rss_mb']:>5.0f}{beam_run['worker_peak_rss_mb']:>13.0f}"
           f"{beam_run['runner_peak_rss_mb']:>13.0f}{local['near_duplicates']:>12,}{beam_run['near_duplicates']:>11,}"
-          f"   (seconds: local {local['seconds']:.1f}, beam {beam_run['seconds']:.1f})")
+          f"{bare['worker_peak_rss_mb']:>17.0f}   (seconds: local {local['seconds']:.1f}, beam {beam_run['seconds']:.1f})")
 
 
 if __name__ == "__main__":
