@@ -14,8 +14,9 @@ does; the workers run the two passes as two pipelines, with the same functions (
      per shard, sorted by ordinal -> `finish_shard` (the shard under a temporary name, renamed, then
      its stats). The launcher reads the stats back for the manifest.
 Both pipelines read their tasks from a file the launcher writes in the temporary directory, so the
-pipeline's description is the same size whatever the corpus. The dedup rule is dedup.py's, and a document's key comes from the plan, so what is kept, every shard
-and the manifest are the same bytes as the local engine's, whatever the runner, workers or bundles.
+pipeline's description is the same size whatever the corpus. The dedup rule is dedup.py's, and a
+document's key comes from the plan, so what is kept, every shard and the manifest are the same bytes
+as the local engine's, whatever the runner, workers or bundles.
 
 A corrupt input is reported as locally: the workers emit it rather than raise, and the launcher
 raises the one of the first unit in plan order. Workers read the inputs and write the shards into the
